@@ -1,0 +1,40 @@
+"""The contract between a training objective and the training loop.
+
+An objective is an ``nn.Module`` that owns the networks it trains (and frozen ones it uses), and
+computes a loss; it owns no optimiser. The loop owns optimisers (one per parameter group), AMP,
+clipping, EMA, logging, checkpoints and DDP. Alternating schedules (e.g. MFD's aux:student updates)
+are expressed by :meth:`phase`: at each step exactly one parameter group is updated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LossOutput:
+    """``loss``: scalar tensor to backpropagate. ``logs``: scalars to log (floats or 0-d tensors)."""
+
+    loss: torch.Tensor
+    logs: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+
+class Objective(nn.Module):
+    """Base class; subclasses implement :meth:`forward` and usually :meth:`param_groups`."""
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Optimiser name → parameters it updates. Default: every trainable parameter, under ``main``."""
+        return {"main": [p for p in self.parameters() if p.requires_grad]}
+
+    def phase(self, step: int) -> str:
+        """Name of the parameter group updated at global step ``step`` (0-based)."""
+        return "main"
+
+    def ema_modules(self) -> dict[str, nn.Module]:
+        """Modules whose exponential moving average the loop keeps (name → module)."""
+        return {}
+
+    def forward(self, batch, phase: str) -> LossOutput:  # noqa: D401 - the loss
+        raise NotImplementedError

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install occ-mfd with its extras. Idempotent; re-run after pulling.
+#   TORCH_SPEC   torch requirement installed first (default: the CPU wheel torch==2.13.0).
+#                GPU users: TORCH_SPEC=skip to keep a torch already in the venv, or e.g.
+#                TORCH_SPEC="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124".
+#   SPARSE_SPEC  spconv build (default spconv==2.3.8, the CPU build; GPU: spconv-cu120 or newer cu12x).
+#   EXTRAS       extras to install (default sparse,viz,dev).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+SPARSE_SPEC=${SPARSE_SPEC:-spconv==2.3.8}
+EXTRAS=${EXTRAS:-viz,dev}
+
+# Debian libraries open3d needs (libusb) and for headless EGL rendering; only when we are root.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  need=""
+  for p in libusb-1.0-0 libegl1 libgl1 libgomp1; do
+    dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"
+  done
+  if [ -n "$need" ]; then
+    echo "[setup] apt-get install$need"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
+  fi
+fi
+
+[ -x "$VENV/bin/python" ] || { echo "[setup] creating $VENV"; python3 -m venv "$VENV"; }
+PIP="$VENV/bin/python -m pip"
+stamp="$VENV/.occ_mfd_installed"
+want="$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16) $TORCH_SPEC $SPARSE_SPEC $EXTRAS"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+$PIP install -q --upgrade pip
+if [ "$TORCH_SPEC" != skip ]; then
+  echo "[setup] installing $TORCH_SPEC"
+  $PIP install -q $TORCH_SPEC
+fi
+if [ "$SPARSE_SPEC" != skip ]; then
+  $PIP install -q "$SPARSE_SPEC"
+fi
+echo "[setup] installing occ-mfd[$EXTRAS]"
+$PIP install -q -e ".[$EXTRAS]"
+echo "$want" > "$stamp"
+echo "[setup] done: $($VENV/bin/python -c 'import torch, numpy; print("torch", torch.__version__, "numpy", numpy.__version__)')"

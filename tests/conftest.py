@@ -1,0 +1,19 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores on CI: keep intra-op threads bounded so parallel test processes don't thrash.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_REAL = REPO.parent / "shared" / "nuscenes_real"
+
+
+@pytest.fixture(scope="session")
+def real_root() -> Path:
+    """The real nuScenes fragments beside the checkout; tests that need them skip when absent."""
+    if not SHARED_REAL.is_dir():
+        pytest.skip(f"real nuScenes fragments not found at {SHARED_REAL}")
+    return SHARED_REAL
