@@ -1,0 +1,117 @@
+"""Windows of consecutive keyframes from a prepared dataset (``index.json`` + Occ3D-layout labels).
+
+A window is ``past`` frames (the last one is the *current* frame) followed by ``future`` frames, all
+inside one scene. Windows start every ``stride`` frames; a scene with fewer than ``past + future``
+frames contributes none, and windows touching a frame the index marks ``"labels": false`` are skipped.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from occ_mfd.data.index import DatasetIndex, load_index
+from occ_mfd.data.occ3d import labels_path, read_labels
+from occ_mfd.data.pool import pool_mask, pool_semantics
+from occ_mfd.data.records import OccSequence
+from occ_mfd.grid import GridSpec
+
+MASKS = {"camera": "mask_camera", "lidar": "mask_lidar", None: None}
+
+
+class LatentCache(Protocol):
+    """Hook for cached VAE latents: ``get`` returns (C, H, W) float32 for one frame, or None if absent.
+
+    The dataset fills ``latents_past``/``latents_future`` only when *every* frame of the window is cached
+    (a partial window would silently mix cached and uncached inputs); otherwise both stay None.
+    """
+
+    def get(self, scene: str, token: str) -> np.ndarray | None: ...
+
+
+def relative_poses(ego2global: np.ndarray, current: int) -> np.ndarray:
+    """(T, 4, 4) ego→global poses → (T, 4, 4) float32 poses in the ego frame of frame ``current``:
+    ``inv(ego2global[current]) @ ego2global[k]`` (so entry ``current`` is the identity)."""
+    e = np.asarray(ego2global, dtype=np.float64)
+    return (np.linalg.inv(e[current])[None] @ e).astype(np.float32)
+
+
+class OccSequenceDataset(Dataset):
+    """Torch dataset of :class:`OccSequence` windows.
+
+    Args:
+        root: prepared folder holding ``index.json`` and ``gts/``.
+        split: scenes whose index split equals this (None: all scenes).
+        past: history length incl. the current frame (P); future: frames to forecast (F).
+        pool: load-time downsampling factor (see :mod:`occ_mfd.data.pool`); ``.grid`` is the pooled grid.
+        mask: which visibility mask feeds ``mask_future`` ("camera", "lidar" or None for no mask).
+        stride: step between consecutive window starts.
+        latent_cache: optional :class:`LatentCache`.
+
+    Item: OccSequence with past (P, X, Y, Z) uint8, future (F, X, Y, Z) uint8, ego (P+F, 4, 4) float32,
+    mask_future (F, X, Y, Z) bool or None, scene, tokens (P+F).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str | None = "train", past: int = 4, future: int = 6,
+                 pool: int = 1, mask: str | None = "camera", stride: int = 1,
+                 latent_cache: LatentCache | None = None):
+        if past < 1 or future < 0 or stride < 1 or pool < 1:
+            raise ValueError(f"OccSequenceDataset: need past ≥ 1, future ≥ 0, stride ≥ 1, pool ≥ 1; "
+                             f"got past={past}, future={future}, stride={stride}, pool={pool}")
+        if mask not in MASKS:
+            raise ValueError(f"OccSequenceDataset: mask must be 'camera', 'lidar' or None, got {mask!r}")
+        self.root = Path(root)
+        self.index: DatasetIndex = load_index(self.root)
+        self.source_grid = self.index.grid
+        if any(n % pool for n in self.source_grid.shape):
+            raise ValueError(f"OccSequenceDataset: grid shape {self.source_grid.shape} of {self.root} is not "
+                             f"divisible by pool={pool}")
+        self.grid: GridSpec = self.source_grid.pooled(pool) if pool > 1 else self.source_grid
+        self.split, self.past, self.future, self.pool = split, past, future, pool
+        self.mask_key, self.stride, self.latent_cache = MASKS[mask], stride, latent_cache
+        length = past + future
+        self.windows: list[tuple[int, int]] = []  # (scene position in index.scenes, first frame)
+        for si, scene in enumerate(self.index.scenes):
+            if split is not None and scene.split != split:
+                continue
+            ok = np.array([f.has_labels for f in scene.frames], dtype=bool)
+            for start in range(0, len(scene.frames) - length + 1, stride):
+                if ok[start:start + length].all():
+                    self.windows.append((si, start))
+        if not self.windows:
+            splits = sorted({s.split for s in self.index.scenes})
+            raise ValueError(f"{self.root}: no windows of {past}+{future} consecutive labelled keyframes in "
+                             f"split {split!r} (splits in index.json: {splits})")
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def _load(self, scene: str, token: str) -> tuple[np.ndarray, np.ndarray | None]:
+        fr = read_labels(labels_path(self.root, scene, token), self.source_grid)
+        sem = pool_semantics(fr.semantics, self.pool)
+        m = None if self.mask_key is None else pool_mask(getattr(fr, self.mask_key), self.pool).astype(bool)
+        return sem, m
+
+    def __getitem__(self, i: int) -> OccSequence:
+        si, start = self.windows[i]
+        scene = self.index.scenes[si]
+        frames = scene.frames[start:start + self.past + self.future]
+        tokens = [f.token for f in frames]
+        loaded = [self._load(scene.name, t) for t in tokens]
+        sem = np.stack([s for s, _ in loaded])                                     # (P+F, X, Y, Z)
+        ego = relative_poses(np.stack([f.ego2global for f in frames]), self.past - 1)  # (P+F, 4, 4)
+        mask_future = None
+        if self.mask_key is not None:
+            fut = [m for _, m in loaded[self.past:]]
+            mask_future = np.stack(fut) if fut else np.zeros((0, *self.grid.shape), dtype=bool)
+        seq = OccSequence(past=sem[:self.past], future=sem[self.past:], ego=ego, mask_future=mask_future,
+                          scene=scene.name, tokens=tokens)
+        if self.latent_cache is not None:
+            lat = [self.latent_cache.get(scene.name, t) for t in tokens]
+            if all(x is not None for x in lat):
+                lat = np.stack([np.asarray(x, dtype=np.float32) for x in lat])    # (P+F, C, H, W)
+                seq.latents_past, seq.latents_future = lat[:self.past], lat[self.past:]
+        return seq

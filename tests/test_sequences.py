@@ -1,0 +1,141 @@
+"""OccSequenceDataset: window counting, contents, relative ego poses, pooling, masks, latent hook."""
+import math
+
+import numpy as np
+import pytest
+
+from occ_mfd.data.index import DatasetIndex, FrameEntry, SceneEntry, save_index
+from occ_mfd.data.occ3d import OccFrame, labels_path, write_labels
+from occ_mfd.data.pool import pool_mask, pool_semantics
+from occ_mfd.data.records import collate_sequences
+from occ_mfd.data.sequences import OccSequenceDataset, relative_poses
+from occ_mfd.grid import GridSpec
+
+SMALL = GridSpec((-4.0, -4.0, -1.0), (4.0, 4.0, 0.6), 0.4)  # 20 × 20 × 4
+
+
+def pose(k: int) -> np.ndarray:
+    """Frame k: yaw 0.1·k rad about z, position (k, 2k, 0.5)."""
+    c, s = math.cos(0.1 * k), math.sin(0.1 * k)
+    T = np.eye(4)
+    T[:2, :2] = [[c, -s], [s, c]]
+    T[:3, 3] = [k, 2 * k, 0.5]
+    return T
+
+
+def frame_arrays(scene_i: int, k: int) -> OccFrame:
+    rng = np.random.default_rng(1000 * scene_i + k)
+    sem = np.where(rng.random(SMALL.shape) < 0.6, 17, rng.integers(0, 17, SMALL.shape)).astype(np.uint8)
+    lidar = (rng.random(SMALL.shape) < 0.5).astype(np.uint8)
+    cam = lidar & (rng.random(SMALL.shape) < 0.5).astype(np.uint8)
+    return OccFrame(sem, lidar, cam)
+
+
+SCENES = [("scene-a", "train", 12), ("scene-b", "train", 9), ("scene-c", "val", 10), ("scene-d", "train", 13)]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    scenes = []
+    for si, (name, split, n) in enumerate(SCENES):
+        frames = []
+        for k in range(n):
+            tok = f"{name}-{k}"
+            write_labels(labels_path(root, name, tok), frame_arrays(si, k), SMALL)
+            frames.append(FrameEntry(tok, 1_500_000_000_000_000 + 500_000 * k, pose(k)))
+        scenes.append(SceneEntry(name, split, frames))
+    scenes[3].frames[8].extra["labels"] = False  # scene-d: frame 8 has no labels
+    save_index(root, DatasetIndex(SMALL, scenes, {"type": "test"}))
+    return root
+
+
+def test_window_counts_by_hand(root):
+    # P+F = 10. train: scene-a 12 → starts 0..2 (3); scene-b 9 → 0; scene-d 13 → starts 0..3 but frame 8
+    # unlabelled kills every window covering it (starts 0..3 all cover 8) → 0.  val: scene-c 10 → 1.
+    assert len(OccSequenceDataset(root, "train")) == 3
+    assert len(OccSequenceDataset(root, "val")) == 1
+    assert len(OccSequenceDataset(root, None)) == 4
+    # stride 2: scene-a starts 0, 2 → 2.  P+F = 3: scene-a 10, scene-b 7, scene-d starts 0..10 minus those
+    # covering 8 (6, 7, 8) → 8; total 25.
+    assert len(OccSequenceDataset(root, "train", stride=2)) == 2
+    assert len(OccSequenceDataset(root, "train", past=2, future=1)) == 10 + 7 + 8
+    ds = OccSequenceDataset(root, "train", past=2, future=1)
+    assert [(s, i) for s, i in ds.windows if s == 3] == [(3, i) for i in (0, 1, 2, 3, 4, 5, 9, 10)]
+
+
+def test_zero_windows_error_names_root_and_split(root):
+    with pytest.raises(ValueError) as e:
+        OccSequenceDataset(root, "val", past=4, future=7)
+    assert str(root) in str(e.value) and "'val'" in str(e.value)
+    with pytest.raises(ValueError, match="'test'"):
+        OccSequenceDataset(root, "test")
+
+
+def test_item_contents_and_poses(root):
+    ds = OccSequenceDataset(root, "train", mask="camera")
+    assert ds.grid == SMALL and len(ds.index.scenes) == 4
+    seq = ds[1]  # scene-a, frames 1..10, current frame = 4
+    assert seq.scene == "scene-a" and seq.tokens == [f"scene-a-{k}" for k in range(1, 11)]
+    assert seq.past.shape == (4, 20, 20, 4) and seq.future.shape == (6, 20, 20, 4)
+    assert seq.past.dtype == np.uint8 and seq.future.dtype == np.uint8
+    for j, k in enumerate(range(1, 11)):
+        want = frame_arrays(0, k)
+        got = seq.past[j] if j < 4 else seq.future[j - 4]
+        np.testing.assert_array_equal(got, want.semantics)
+        if j >= 4:
+            np.testing.assert_array_equal(seq.mask_future[j - 4], want.mask_camera.astype(bool))
+    assert seq.mask_future.dtype == bool
+    # closed form: in frame c's ego frame, frame k has yaw 0.1(k-c) and position R(-0.1c)(t_k - t_c)
+    c = 4
+    assert seq.ego.shape == (10, 4, 4) and seq.ego.dtype == np.float32
+    np.testing.assert_allclose(seq.ego[3], np.eye(4), atol=1e-6)
+    for j, k in enumerate(range(1, 11)):
+        dyaw, th = 0.1 * (k - c), -0.1 * c
+        dx, dy = k - c, 2 * (k - c)
+        want = np.eye(4)
+        want[:2, :2] = [[math.cos(dyaw), -math.sin(dyaw)], [math.sin(dyaw), math.cos(dyaw)]]
+        want[:2, 3] = [math.cos(th) * dx - math.sin(th) * dy, math.sin(th) * dx + math.cos(th) * dy]
+        np.testing.assert_allclose(seq.ego[j], want, atol=1e-5)
+
+
+def test_relative_poses_pure_translation():
+    T = np.stack([np.eye(4)] * 3)
+    T[:, :3, 3] = [[0, 0, 0], [1, 0, 0], [3, -2, 1]]
+    rel = relative_poses(T, 1)
+    np.testing.assert_allclose(rel[:, :3, 3], [[-1, 0, 0], [0, 0, 0], [2, -2, 1]])
+    np.testing.assert_allclose(rel[:, :3, :3], np.stack([np.eye(3)] * 3))
+
+
+def test_pool_and_lidar_mask(root):
+    ds = OccSequenceDataset(root, "val", pool=2, mask="lidar")
+    assert ds.grid.shape == (10, 10, 2) and ds.grid.voxel_size == pytest.approx(0.8)
+    seq = ds[0]
+    assert seq.past.shape == (4, 10, 10, 2) and seq.mask_future.shape == (6, 10, 10, 2)
+    want = frame_arrays(2, 7)  # future[3] = frame 7 of scene-c
+    np.testing.assert_array_equal(seq.future[3], pool_semantics(want.semantics, 2))
+    np.testing.assert_array_equal(seq.mask_future[3], pool_mask(want.mask_lidar, 2).astype(bool))
+    assert OccSequenceDataset(root, "val", mask=None)[0].mask_future is None
+    with pytest.raises(ValueError, match="not divisible by pool=3"):
+        OccSequenceDataset(root, "val", pool=3)
+
+
+class DictCache:
+    def __init__(self, d):
+        self.d = d
+
+    def get(self, scene, token):
+        return self.d.get((scene, token))
+
+
+def test_latent_cache_hook_and_collate(root):
+    toks = [f"scene-c-{k}" for k in range(10)]
+    cache = DictCache({("scene-c", t): np.full((2, 3, 3), k, np.float32) for k, t in enumerate(toks)})
+    seq = OccSequenceDataset(root, "val", latent_cache=cache)[0]
+    assert seq.latents_past.shape == (4, 2, 3, 3) and seq.latents_future.shape == (6, 2, 3, 3)
+    np.testing.assert_array_equal(seq.latents_future[:, 0, 0, 0], np.arange(4, 10))
+    del cache.d[("scene-c", toks[5])]  # one frame uncached → no latents at all
+    partial = OccSequenceDataset(root, "val", latent_cache=cache)[0]
+    assert partial.latents_past is None and partial.latents_future is None
+    batch = collate_sequences([seq, seq])
+    assert tuple(batch.past.shape) == (2, 4, 20, 20, 4) and tuple(batch.latents_future.shape) == (2, 6, 2, 3, 3)
