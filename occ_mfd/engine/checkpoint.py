@@ -1,0 +1,170 @@
+"""Atomic, self-describing training checkpoints.
+
+A checkpoint (``work_dir/ckpt_{step:07d}.pt``, with ``latest.pt`` a hard link to the newest) is a dict of
+tensors, plain containers and strings only, so it loads with ``torch.load(..., weights_only=True)``:
+
+``format`` · ``step`` (updates done) · ``objective`` (state_dict of the unwrapped objective) ·
+``optimizers`` (name → state_dict) · ``ema`` (:meth:`EMA.state_dict`, or None) · ``rng`` (one entry per
+rank: torch, numpy, python, cuda) · ``loader`` (epoch / batch within the epoch, informative: the position
+is a function of ``step``) · ``guard`` (non-finite counters) · ``config`` (resolved config text) ·
+``grid`` (``GridSpec.to_dict()`` or None) · ``git_rev`` · ``torch_version``.
+
+Schedules are pure functions of the step (:mod:`occ_mfd.engine.schedule`) and bf16 autocast needs no
+grad scaler, so neither has state to store.
+"""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+from mmengine.config import Config
+
+FORMAT = "occ_mfd.ckpt/1"
+LATEST = "latest.pt"
+
+
+def ckpt_name(step: int) -> str:
+    return f"ckpt_{step:07d}.pt"
+
+
+def git_revision(cwd: str | os.PathLike | None = None) -> str:
+    """``git rev-parse HEAD`` of the source tree (of this file by default), or "unknown"."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def _dotted(v):
+    """Classes/functions → dotted import strings (the builder accepts both), recursively."""
+    if isinstance(v, dict):
+        return {k: _dotted(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_dotted(x) for x in v)
+    if isinstance(v, type) or callable(v):
+        return f"{v.__module__}.{v.__qualname__}"
+    return v
+
+
+def config_text(cfg: Config) -> str:
+    """The resolved config as Python source that :func:`load_config_from_checkpoint` can parse
+    (imported classes in new-style configs are written as dotted strings)."""
+    plain = _dotted(cfg.to_dict())
+    try:
+        return Config(plain).pretty_text
+    except Exception:  # pretty_text (yapf) can fail on exotic values; the repr still round-trips plain data
+        return "\n".join(f"{k} = {v!r}" for k, v in plain.items())
+
+
+# --------------------------------------------------------------------------------------------- RNG
+
+def get_rng_state() -> dict:
+    """RNG states of torch, numpy, python (and CUDA if available) as checkpoint-safe values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -------------------------------------------------------------------------------------- save / load
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: readers never see a
+    partial file, and a failed save leaves no file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _link_latest(path: Path) -> None:
+    latest = path.with_name(LATEST)
+    tmp = path.with_name(f".{LATEST}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)  # a hard link: no second copy on disk, survives pruning of old ckpts
+    except OSError:
+        import shutil
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, latest)
+
+
+def save_checkpoint(state: dict, work_dir: str | os.PathLike, keep: int = 3) -> Path:
+    """Write ``state`` (must hold ``step``) as ``ckpt_{step}.pt``, point ``latest.pt`` at it, and keep
+    only the newest ``keep`` step checkpoints (``keep <= 0``: keep all). Returns the path."""
+    work_dir = Path(work_dir)
+    path = work_dir / ckpt_name(int(state["step"]))
+    atomic_save({"format": FORMAT, **state}, path)
+    _link_latest(path)
+    if keep > 0:
+        for old in sorted(work_dir.glob("ckpt_*.pt"))[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; clear errors for missing or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {path}: cannot be loaded with weights_only=True: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path}: not an occ_mfd training checkpoint (format "
+                         f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}, "
+                         f"expected {FORMAT!r})")
+    return ckpt
+
+
+def load_config_from_checkpoint(ckpt: dict | str | os.PathLike) -> Config:
+    """The resolved training config stored in a checkpoint (a loaded dict or a path)."""
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt)
+    return Config.fromstring(ckpt["config"], ".py")
+
+
+def build_objective_from_checkpoint(path: str | os.PathLike, use_ema: bool = True, map_location="cpu"):
+    """Rebuild the objective from the checkpoint's own config and load its weights; with ``use_ema`` the
+    EMA weights replace the live ones of every module in ``objective.ema_modules()``. Returned in eval
+    mode on ``map_location``."""
+    from occ_mfd.engine.builder import build
+
+    ckpt = load_checkpoint(path, map_location=map_location)
+    cfg = load_config_from_checkpoint(ckpt)
+    objective = build(cfg.objective)
+    objective.load_state_dict(ckpt["objective"])
+    if use_ema and ckpt.get("ema"):
+        modules = objective.ema_modules()
+        for name, sd in ckpt["ema"]["shadow"].items():
+            if name not in modules:
+                raise KeyError(f"checkpoint {path}: EMA module {name!r} not in objective.ema_modules() "
+                               f"({sorted(modules)})")
+            modules[name].load_state_dict(sd)
+    return objective.to(map_location).eval()

@@ -1,0 +1,142 @@
+"""Checkpoints: bit-exact resume, contents (weights_only), atomicity, finished runs, EMA reload; latent cache."""
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from occ_mfd.engine import checkpoint as ck
+from occ_mfd.engine.latent_cache import LatentCache, fill_latent_cache
+from occ_mfd.engine.loop import train
+
+torch.set_num_threads(1)
+GRID = dict(lo=[-40.0, -40.0, -1.0], hi=[40.0, 40.0, 5.4], voxel_size=0.8)
+
+
+def cfg_for(max_steps=12, **obj):
+    # two phases, input noise from the torch RNG, EMA, cosine + warm-up, 20 samples / batch 4 = 5 batches
+    # per epoch, so the resume point (step 6) is mid-epoch.
+    return dict(data=dict(type="occ_mfd.engine.toys.ToyRegressionDataset", n=20, dim=4),
+                objective=dict(type="occ_mfd.engine.toys.ToyRegression", dim=4, noise=0.3, two_phase=True,
+                               ratio=3, **obj),
+                optim=dict(aux=dict(lr=1e-2, weight_decay=0.05, grad_clip=0.5), student=dict(lr=2e-2)),
+                train=dict(max_steps=max_steps, batch_size=4, warmup_steps=3, ema_decay=0.99, log_interval=4,
+                           ckpt_interval=3, keep_ckpts=2, tensorboard=False),
+                grid=GRID)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    train(cfg_for(), tmp_path / "full")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg_for(crash_after=7), tmp_path / "split")           # dies during step 7, after ckpt 6
+    assert ck.load_checkpoint(tmp_path / "split/latest.pt")["step"] == 6
+    train(cfg_for(), tmp_path / "split")                            # the same command again: resumes
+    a, b = (ck.load_checkpoint(tmp_path / d / "latest.pt") for d in ("full", "split"))
+    assert a["step"] == b["step"] == 12
+    for k, v in a["objective"].items():
+        assert torch.equal(v, b["objective"][k]), k
+    for name, sd in a["ema"]["shadow"]["student"].items():
+        assert torch.equal(sd, b["ema"]["shadow"]["student"][name]), name
+    for g in ("aux", "student"):
+        for i, st in a["optimizers"][g]["state"].items():
+            for key, t in st.items():
+                assert torch.equal(t, b["optimizers"][g]["state"][i][key]), (g, i, key)
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+
+
+def test_checkpoint_contents_and_pruning(tmp_path):
+    train(cfg_for(max_steps=9), tmp_path)
+    names = sorted(p.name for p in tmp_path.glob("*.pt"))
+    assert names == ["ckpt_0000006.pt", "ckpt_0000009.pt", "latest.pt"]       # keep_ckpts=2
+    assert os.path.samefile(tmp_path / "latest.pt", tmp_path / "ckpt_0000009.pt")
+    raw = torch.load(tmp_path / "latest.pt", weights_only=True)               # plain data only
+    assert raw["step"] == 9 and raw["format"] == ck.FORMAT
+    assert raw["grid"] == GRID
+    assert raw["torch_version"] == str(torch.__version__)
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(ck.__file__).parent, capture_output=True, text=True)
+    assert raw["git_rev"] == (git.stdout.strip() if git.returncode == 0 else "unknown")
+    cfg = ck.load_config_from_checkpoint(raw)
+    assert cfg.train.max_steps == 9 and cfg.objective.ratio == 3 and cfg.optim.aux.weight_decay == 0.05
+    assert raw["loader"] == {"epoch": 1, "batch_in_epoch": 4, "batches_per_epoch": 5}
+
+
+def test_finished_run_reports_and_returns(tmp_path, capsys):
+    train(cfg_for(max_steps=3), tmp_path)
+    before = (tmp_path / "latest.pt").stat().st_mtime_ns
+    res = train(cfg_for(max_steps=3), tmp_path)
+    assert res.finished and res.step == 3
+    assert "already finished" in capsys.readouterr().out
+    assert (tmp_path / "latest.pt").stat().st_mtime_ns == before
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    ck.save_checkpoint({"step": 1, "x": torch.ones(2)}, tmp_path)
+
+    def broken_save(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save_checkpoint({"step": 2, "x": torch.zeros(2)}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000001.pt", "latest.pt"]
+    assert torch.equal(ck.load_checkpoint(tmp_path / "latest.pt")["x"], torch.ones(2))
+
+
+def test_build_objective_from_checkpoint_swaps_in_ema(tmp_path):
+    train(cfg_for(max_steps=6), tmp_path)
+    raw = ck.load_checkpoint(tmp_path / "latest.pt")
+    live = ck.build_objective_from_checkpoint(tmp_path / "latest.pt", use_ema=False)
+    ema = ck.build_objective_from_checkpoint(tmp_path / "latest.pt", use_ema=True)
+    for k, v in live.state_dict().items():
+        assert torch.equal(v, raw["objective"][k])
+    for k, v in ema.net.state_dict().items():
+        assert torch.equal(v, raw["ema"]["shadow"]["student"][k])
+    assert not torch.equal(ema.net.lin.weight, live.net.lin.weight)
+    assert torch.equal(ema.aux.lin.weight, live.aux.lin.weight)                # aux has no EMA
+
+
+class _Seq:
+    def __init__(self, scene, tokens, frames):
+        self.scene, self.tokens = scene, tokens
+        self.past, self.future = frames[:2], frames[2:]
+
+
+def test_latent_cache_round_trip(tmp_path):
+    cache = LatentCache(tmp_path / "lat", key="vae@100")
+    z = np.random.default_rng(0).normal(size=(3, 5, 5)).astype(np.float32)
+    assert cache.get("scene-1", "tok") is None
+    cache.put("scene-1", "tok", z)
+    assert np.array_equal(cache.get("scene-1", "tok"), z)
+    assert not [p for p in (tmp_path / "lat").rglob(".*tmp*")]
+    with pytest.raises(ValueError, match="vae@100"):
+        LatentCache(tmp_path / "lat", key="other-vae")
+
+    # Two overlapping windows of one scene (frames a..e): 5 distinct frames get encoded once each.
+    rng = np.random.default_rng(1)
+    frames = {t: rng.integers(0, 18, size=(4, 4, 2), dtype=np.uint8) for t in "abcde"}
+    data = [_Seq("s", list(w), np.stack([frames[t] for t in w])) for w in ("abcd", "bcde")]
+    calls = []
+
+    def encode(occ):                                  # (N, X, Y, Z) → (N, 1, X, Y): mean class over z
+        calls.append(len(occ))
+        return occ.float().mean(-1, keepdim=True).permute(0, 3, 1, 2)
+
+    c2 = LatentCache(tmp_path / "lat2")
+    assert fill_latent_cache(encode, data, c2, batch_size=3) == 5 and calls == [3, 2]
+    for t, f in frames.items():
+        np.testing.assert_array_equal(c2.get("s", t)[0], f.astype(np.float32).mean(-1))
+    assert fill_latent_cache(encode, data, c2) == 0                            # all cached already
+
+
+def test_config_text_writes_classes_as_dotted_strings():
+    from mmengine.config import Config
+
+    from occ_mfd.engine.builder import build
+    from occ_mfd.engine.toys import ToyRegression
+    text = ck.config_text(Config(dict(objective=dict(type=ToyRegression, dim=3), t=dict(b=(0.9, 0.99)))))
+    back = Config.fromstring(text, ".py")
+    assert back.objective.type == "occ_mfd.engine.toys.ToyRegression" and tuple(back.t.b) == (0.9, 0.99)
+    assert build(back.objective).net.lin.in_features == 3
