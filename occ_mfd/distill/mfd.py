@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from occ_mfd.distill.grad_stats import GradientVarianceMeter
 from occ_mfd.engine.objective import LossOutput, Objective
 from occ_mfd.flow.fm_objective import flow_matching_loss
 from occ_mfd.flow.guidance import guided
@@ -78,6 +79,8 @@ class MeanFlowDistillation(Objective):
         self.r_not_equal_t_ratio = float(r_not_equal_t_ratio)
         self.student_time = float(student_time)
         self.aux_time_sampler = aux_time_sampler
+        # Running gradient statistics of the student updates (logs only; not part of the state).
+        self._grad_meter = GradientVarianceMeter(beta=0.99)
 
     @classmethod
     def from_teacher(cls, teacher: nn.Module, prepare: Callable, **kwargs) -> "MeanFlowDistillation":
@@ -99,6 +102,13 @@ class MeanFlowDistillation(Objective):
 
     def ema_modules(self) -> dict[str, nn.Module]:
         return {"student": self.student}
+
+    def after_backward(self, phase: str) -> dict[str, float]:
+        """Student updates: running estimate of the gradient variance (the paper's stability argument)."""
+        if phase != "student":
+            return {}
+        stats = self._grad_meter.update(self.param_groups()["student"])
+        return {"student_grad_var": stats["grad_var"], "student_grad_snr": stats["grad_snr"]}
 
     # ---------------------------------------------------------------- pieces
     def generate(self, x0: torch.Tensor, cond: Any) -> torch.Tensor:

@@ -139,6 +139,9 @@ def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
     ema_of = {g: [n for n, m in ema_modules.items() if any(id(p) in ids for p in m.parameters())]
               for g, ids in group_ids.items()}
 
+    # The config stored in checkpoints: earlier stages' checkpoint paths replaced by their configs, so that a
+    # checkpoint rebuilds without the files it was trained from (tools/eval.py CKPT needs nothing else).
+    cfg = _portable(cfg, objective)
     step, guard = 0, {"consecutive": 0, "skipped": 0}
     if ckpt is not None:
         objective.load_state_dict(ckpt["objective"])
@@ -193,6 +196,7 @@ def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
                 out = model(batch, phase)
             # Always backward (DDP expects it after every forward); decide afterwards whether to step.
             out.loss.backward()
+            extra_logs = objective.after_backward(phase)
             loss = float(out.loss.detach().float())
             gnorm = clip_grads(groups[phase], optim_cfg[phase].get("grad_clip"))
             ok = du.all_reduce_min(float(math.isfinite(loss) and math.isfinite(gnorm))) > 0
@@ -214,6 +218,7 @@ def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
             step += 1
             scalars = {"loss": loss, "lr": lr, "grad_norm": gnorm, "skipped": float(not ok)}
             scalars.update({k: float(v) for k, v in out.logs.items()})
+            scalars.update({k: float(v) for k, v in extra_logs.items()})
             logger.update(step, phase, scalars)
             if step % int(tc["log_interval"]) == 0 or step == max_steps:
                 logger.flush(step)
@@ -223,6 +228,15 @@ def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
     finally:
         logger.close()
     return TrainResult(step, last_ckpt, step >= max_steps)
+
+
+def _portable(cfg: Config, objective) -> Config:
+    overrides = objective.portable_config() if hasattr(objective, "portable_config") else {}
+    if not overrides:
+        return cfg
+    out = Config(cfg.to_dict())
+    out.objective = {**to_plain(cfg.objective), **overrides}
+    return out
 
 
 def _save(work_dir, step, objective, opts, ema, guard, loader, cfg, grid, info, tc) -> Path:

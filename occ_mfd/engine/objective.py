@@ -36,5 +36,16 @@ class Objective(nn.Module):
         """Modules whose exponential moving average the loop keeps (name → module)."""
         return {}
 
+    def after_backward(self, phase: str) -> dict[str, float]:
+        """Called by the loop after ``backward()`` and before the optimiser step; returns extra scalars to log
+        (e.g. MFD's gradient-variance estimate). Must not change gradients."""
+        return {}
+
+    def portable_config(self) -> dict:
+        """Overrides for this objective's config that make a checkpoint self-contained, e.g. replacing the path
+        of an earlier stage's checkpoint by that stage's architecture config (its weights are in this
+        objective's state_dict anyway). The loop stores ``{**cfg.objective, **portable_config()}``."""
+        return {}
+
     def forward(self, batch, phase: str) -> LossOutput:  # noqa: D401 - the loss
         raise NotImplementedError
