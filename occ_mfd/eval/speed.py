@@ -1,0 +1,213 @@
+"""The speed protocol of DESIGN.md: batch 1, warm-up, ≥ 50 timed runs, device synchronisation, median and p90,
+end to end and per stage.
+
+A forecast is timed as a chain of named *stages* (``encode → sample → decode → argmax``), each a callable on the
+previous stage's output. Every run synchronises the device before and after each stage (``torch.cuda.synchronize``
+on GPU; a no-op on CPU), so a stage's time is its own work, and the end-to-end time is the whole chain. Medians
+are reported because machines are noisy; p90 shows the tail.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from occ_mfd.flow.guidance import guided
+from occ_mfd.flow.solver import euler_integrate
+from occ_mfd.flow.time_sampling import time_grid
+from occ_mfd.models.forecaster import ForecastCond
+
+Stage = tuple[str, Callable[[Any], Any]]
+
+
+def synchronize(device: torch.device | str) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class SpeedRow:
+    """One timed configuration. Times in ms; ``stages_ms`` holds each stage's median; fps = 1000 / median."""
+
+    name: str
+    steps: int
+    nfe: int
+    latency_ms_median: float
+    latency_ms_p90: float
+    fps: float
+    stages_ms: dict[str, float]
+    stages_ms_p90: dict[str, float] = field(default_factory=dict)
+    runs: int = 0
+    warmup: int = 0
+    options: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_stages(stages: list[Stage], inputs: Any, *, runs: int = 50, warmup: int = 10, device="cpu",
+                desc: str | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Run the chain ``warmup`` times untimed, then ``runs`` times timed.
+
+    Returns (end-to-end ms (runs,), stage name → ms (runs,)).
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"time_stages: need runs ≥ 1 and warmup ≥ 0, got runs={runs}, warmup={warmup}")
+    e2e = np.zeros(runs)
+    per = {name: np.zeros(runs) for name, _ in stages}
+    with torch.inference_mode():
+        for i in tqdm(range(-warmup, runs), desc=desc, disable=desc is None, leave=False):
+            x = inputs
+            synchronize(device)
+            start = prev = time.perf_counter()
+            for name, fn in stages:
+                x = fn(x)
+                synchronize(device)
+                now = time.perf_counter()
+                if i >= 0:
+                    per[name][i] = 1e3 * (now - prev)
+                prev = now
+            if i >= 0:
+                e2e[i] = 1e3 * (prev - start)
+    return e2e, per
+
+
+def measure(name: str, steps: int, nfe: int, stages: list[Stage], inputs: Any, *, runs: int = 50,
+            warmup: int = 10, device="cpu", options: list[str] | None = None, progress: bool = True) -> SpeedRow:
+    """Time a stage chain → :class:`SpeedRow` (median / p90 end to end and per stage)."""
+    e2e, per = time_stages(stages, inputs, runs=runs, warmup=warmup, device=device,
+                           desc=f"bench {name}" if progress else None)
+    med = float(np.median(e2e))
+    return SpeedRow(name=name, steps=steps, nfe=nfe, latency_ms_median=med,
+                    latency_ms_p90=float(np.percentile(e2e, 90)), fps=1e3 / med if med > 0 else float("inf"),
+                    stages_ms={k: float(np.median(v)) for k, v in per.items()},
+                    stages_ms_p90={k: float(np.percentile(v, 90)) for k, v in per.items()},
+                    runs=runs, warmup=warmup, options=list(options or []))
+
+
+def speedups(rows: list[SpeedRow], reference: str) -> dict[str, float]:
+    """name → reference median latency / row median latency (> 1: faster than the reference)."""
+    ref = next((r for r in rows if r.name == reference), None)
+    if ref is None:
+        raise ValueError(f"speedups: no row named {reference!r} among {[r.name for r in rows]}")
+    return {r.name: ref.latency_ms_median / r.latency_ms_median for r in rows}
+
+
+# ------------------------------------------------------------------------------------ forecast stages
+
+def two_pass_cfg(net: Callable, scale: float) -> Callable:
+    """CFG as two forward passes of batch B (cond, then uncond): the slow reference for the fused 2B batch."""
+    def velocity(x, t, cond):
+        v_c = net(x, t, cond)
+        if scale == 1.0:
+            return v_c
+        v_u = net(x, t, cond, drop_cond=torch.ones(x.shape[0], dtype=torch.bool, device=x.device))
+        return v_u + scale * (v_c - v_u)
+    return velocity
+
+
+def pipeline_stages(pipeline, steps: int, *, cfg_scale: float | None = None, fused_cfg: bool = True,
+                    seed: int = 0, autocast: torch.dtype | None = None) -> list[Stage]:
+    """``encode → sample → decode → argmax`` of an :class:`OccForecastPipeline` on an ``OccBatch`` input.
+
+    The noise is drawn from a generator re-seeded with ``seed`` every run, so every run (and every pipeline
+    timed with the same seed and shapes) integrates from the same x0. ``autocast``: e.g. torch.bfloat16 on CUDA.
+    """
+    scale = float(pipeline.cfg_scale if cfg_scale is None else cfg_scale)
+    codec, net = pipeline.codec, pipeline.net
+
+    def ctx(device):
+        if autocast is None:
+            return torch.autocast("cpu", enabled=False)
+        return torch.autocast(device.type, dtype=autocast)
+
+    def encode(batch):
+        with ctx(batch.past.device):
+            past = codec.encode(batch.past)                                       # (B, P, C, H, W)
+        return past, batch.ego
+
+    def sample(state):
+        past, ego = state
+        B, _, C, H, W = past.shape
+        cond = ForecastCond(past_latents=past, ego=ego.float())
+        g = torch.Generator(device=past.device).manual_seed(seed)
+        x0 = torch.randn((B, ego.shape[1] - past.shape[1], C, H, W), generator=g, device=past.device,
+                         dtype=torch.float32)
+        v = guided(net, scale) if fused_cfg else two_pass_cfg(net, scale)
+        grid = time_grid(steps, pipeline.shift, device=past.device)
+        with ctx(past.device):
+            return euler_integrate(lambda x, t: v(x, t, cond), x0, grid)           # (B, F, C, H, W)
+
+    def decode(x1):
+        with ctx(x1.device):
+            return codec.decode_logits(x1.float())                                 # (B, F, K, X, Y, Z)
+
+    def argmax(logits):
+        return logits.argmax(dim=2).to(torch.uint8)                                # (B, F, X, Y, Z)
+
+    return [("encode", encode), ("sample", sample), ("decode", decode), ("argmax", argmax)]
+
+
+def floor_stages(pipeline, batch, *, seed: int = 0, autocast: torch.dtype | None = None) -> list[Stage]:
+    """The floor of any forecaster: one (unguided) network evaluation + decode + argmax. The past latents and
+    the noise are computed once here, outside the timed chain (a forecaster cannot do less than this)."""
+    stages = pipeline_stages(pipeline, 1, cfg_scale=1.0, seed=seed, autocast=autocast)
+    with torch.inference_mode():
+        state = stages[0][1](batch)
+    return [("prepared", lambda _: state)] + stages[1:]
+
+
+def runtime_info(device: torch.device | str, dtype: str = "float32") -> dict:
+    """Device name, dtype, threads and versions, printed with every table."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {"device": str(device), "device_name": name, "dtype": dtype, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+# ------------------------------------------------------------------------------------ training steps
+
+def time_training_step(objective, batch, phase: str, *, runs: int = 10, warmup: int = 2, device="cpu",
+                       lr: float = 1e-6) -> dict:
+    """Median / p90 ms of one optimiser step of ``objective`` in ``phase`` (forward incl. ``prepare``, backward,
+    AdamW step) and the NFE the objective's logs report (``nfe_teacher`` + ``nfe_aux`` + 1 student forward for an
+    MFD student step). The objective's weights change: pass a copy."""
+    params = objective.param_groups()[phase]
+    opt = torch.optim.AdamW(params, lr=lr)
+    objective.train()
+    times, nfes = [], []
+    for i in range(-warmup, runs):
+        synchronize(device)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        out = objective(batch, phase)
+        out.loss.backward()
+        opt.step()
+        synchronize(device)
+        if i >= 0:
+            times.append(1e3 * (time.perf_counter() - t0))
+            logs = out.logs
+            if "nfe_teacher" in logs:
+                nfes.append(float(logs["nfe_teacher"]) + float(logs["nfe_aux"]) + 1)
+    res = {"ms_median": float(np.median(times)), "ms_p90": float(np.percentile(times, 90)), "runs": runs}
+    if nfes:
+        res["nfe_median"] = float(np.median(nfes))
+    return res
+
+
+def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """Convert 4-D weights to channels-last and 5-D ones to channels-last-3d, in place (``Module.to`` refuses
+    mixed ranks). Activations follow the weights' layout inside cuDNN/oneDNN convolutions."""
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.dim() == 4:
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+            elif t.dim() == 5:
+                t.data = t.data.contiguous(memory_format=torch.channels_last_3d)
+    return module

@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Speed of the teacher at N steps and the one-step student, side by side in one process on the same inputs.
+
+    python tools/bench.py --teacher runs/teacher/latest.pt --student runs/student/latest.pt \
+        --steps 1 2 4 10 --runs 50 --warmup 10 --device cuda --bf16 --compile --cfg-two-pass --out bench.json
+
+Protocol (DESIGN.md): batch 1, warm-up ≥ 10, ≥ 50 timed runs, device synchronisation around every stage, median
+and p90, end to end (encode + sample + decode + argmax) and per stage. Speed-ups are ratios against teacher@10
+(or the largest --steps). The floor is one unguided network evaluation + decode + argmax.
+Training steps (one AdamW update, prepare/encode included): teacher FM step, MFD aux step, MFD student step.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from occ_mfd.data.atomic import atomic_write
+from occ_mfd.data.records import OccBatch, collate_sequences
+from occ_mfd.eval.forecasters import load_forecaster
+from occ_mfd.eval.speed import floor_stages, measure, pipeline_stages, runtime_info, speedups, \
+    time_training_step, to_channels_last
+from occ_mfd.grid import FREE_ID
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="teacher (flow-matching) checkpoint")
+    p.add_argument("--student", help="student (MFD) checkpoint; without it only the teacher is timed")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 10])
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument("--data", help="prepared dataset: time on its first sequence (default: a synthetic scene)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
+    p.add_argument("--bf16", action="store_true", help="also time bf16 autocast (CUDA only)")
+    p.add_argument("--channels-last", action="store_true", help="also time channels-last networks")
+    p.add_argument("--cfg-two-pass", action="store_true", help="also time CFG as two passes (vs the fused 2B batch)")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step timings")
+    p.add_argument("--train-runs", type=int, default=10)
+    p.add_argument("--train-warmup", type=int, default=2)
+    p.add_argument("--train-batch-size", type=int, default=1)
+    p.add_argument("--out", help="bench JSON")
+    return p.parse_args(argv)
+
+
+def make_batch(args, info, device) -> OccBatch:
+    """One sequence (batch 1): the first of --data, else a synthetic scene (ground plane + random boxes)."""
+    if args.data:
+        from occ_mfd.data.sequences import OccSequenceDataset
+        ds = OccSequenceDataset(args.data, args.split, past=info.past, future=info.future, pool=info.pool, mask=None)
+        return collate_sequences([ds[0]]).to(device)
+    if info.grid is None:
+        raise ValueError(f"checkpoint {info.path} stores no grid; pass --data")
+    X, Y, Z = info.grid.shape
+    T = info.past + info.future
+    g = torch.Generator().manual_seed(0)
+    occ = torch.full((1, T, X, Y, Z), FREE_ID, dtype=torch.long)
+    occ[..., 0] = 11                                                      # driveable surface
+    for _ in range(max(4, X * Y // 200)):                                 # static boxes of random classes
+        x, y = int(torch.randint(0, X - 4, (1,), generator=g)), int(torch.randint(0, Y - 4, (1,), generator=g))
+        occ[:, :, x:x + 4, y:y + 4, 1:max(2, Z // 3)] = int(torch.randint(0, 17, (1,), generator=g))
+    ego = torch.eye(4).repeat(1, T, 1, 1)
+    ego[0, :, 0, 3] = 2.0 * (torch.arange(T) - (info.past - 1))           # 4 m/s forward
+    return OccBatch(past=occ[:, :info.past], future=occ[:, info.past:], ego=ego).to(device)
+
+
+def variant(pipeline, option: str, device):
+    """A copy of the pipeline with its network changed by ``option`` (compile / channels-last)."""
+    p = copy.deepcopy(pipeline)
+    if option == "channels-last":
+        to_channels_last(p.net)
+        to_channels_last(p.codec)
+    elif option == "compile":
+        p.net = torch.compile(p.net)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.bf16 and device.type != "cuda":
+        print("error: --bf16 autocast is measured on CUDA only", file=sys.stderr)
+        return 2
+    short = args.runs < 50 or args.warmup < 10
+    if short:
+        print(f"warning: runs={args.runs}, warmup={args.warmup} is below the protocol (≥ 50 runs, ≥ 10 warm-up)",
+              file=sys.stderr)
+    try:
+        teacher, t_info = load_forecaster(args.teacher, device=device)
+        student, s_info = load_forecaster(args.student, device=device) if args.student else (None, None)
+        batch = make_batch(args, t_info, device)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    kw = dict(runs=args.runs, warmup=args.warmup, device=device)
+    cfg_nfe = lambda n: n * (2 if teacher.cfg_scale != 1.0 else 1)      # batch-B network evaluations
+    rows = [measure(f"teacher@{n}", n, n, pipeline_stages(teacher, n), batch, **kw) for n in args.steps]
+    ref_n = 10 if 10 in args.steps else max(args.steps)
+    ref = f"teacher@{ref_n}"
+    forecasters = [("teacher", teacher, ref_n)] + ([("student", student, 1)] if student is not None else [])
+    if student is not None:
+        rows.append(measure("student@1", 1, 1, pipeline_stages(student, 1), batch, **kw))
+    floor_net = student if student is not None else teacher
+    rows.append(measure("floor", 1, 1, floor_stages(floor_net, batch), batch, **kw))
+    if args.cfg_two_pass and teacher.cfg_scale != 1.0:
+        rows.append(measure(f"{ref}+cfg-two-pass", ref_n, ref_n, pipeline_stages(teacher, ref_n, fused_cfg=False),
+                            batch, options=["cfg-two-pass"], **kw))
+    for opt in [o for o, on in (("compile", args.compile), ("channels-last", args.channels_last)) if on]:
+        for name, pipe, n in forecasters:
+            rows.append(measure(f"{name}@{n}+{opt}", n, n, pipeline_stages(variant(pipe, opt, device), n), batch,
+                                options=[opt], **kw))
+    if args.bf16:
+        for name, pipe, n in forecasters:
+            rows.append(measure(f"{name}@{n}+bf16", n, n, pipeline_stages(pipe, n, autocast=torch.bfloat16),
+                                batch, options=["bf16-autocast"], **kw))
+    ups = speedups(rows, ref)
+    floor = next(r for r in rows if r.name == "floor")
+    result = {"device": runtime_info(device), "protocol": {
+        "batch_size": 1, "runs": args.runs, "warmup": args.warmup, "meets_protocol": not short,
+        "inputs": args.data or "synthetic scene", "teacher": args.teacher, "student": args.student,
+        "teacher_cfg_scale": float(teacher.cfg_scale), "teacher_shift": float(teacher.shift),
+        "teacher_net_evals_per_step": cfg_nfe(1), "fused_cfg": True,
+        "floor": "one unguided network evaluation + decode + argmax (of the student if given)",
+        "end_to_end": "encode + sample + decode + argmax"},
+        "rows": [r.to_dict() for r in rows], "speedup_reference": ref, "speedups": ups}
+    if student is not None:
+        result["student_over_floor"] = rows[[r.name for r in rows].index("student@1")].latency_ms_median \
+            / floor.latency_ms_median
+    if not args.no_train:
+        result["training_steps_ms"] = training_steps(args, batch, device)
+    print_tables(result)
+    if args.out:
+        text = json.dumps(result, indent=2)
+        print(f"wrote {atomic_write(Path(args.out), lambda f: f.write(text), binary=False)}")
+    return 0
+
+
+def training_steps(args, batch, device) -> dict:
+    from occ_mfd.engine.checkpoint import build_objective_from_checkpoint
+
+    big = OccBatch(past=batch.past.repeat(args.train_batch_size, 1, 1, 1, 1),
+                   future=batch.future.repeat(args.train_batch_size, 1, 1, 1, 1),
+                   ego=batch.ego.repeat(args.train_batch_size, 1, 1, 1))
+    kw = dict(runs=args.train_runs, warmup=args.train_warmup, device=device)
+    out = {"batch_size": args.train_batch_size}
+    teacher = build_objective_from_checkpoint(args.teacher, use_ema=False).to(device)
+    out["teacher_fm"] = {**time_training_step(teacher, big, teacher.phase(0), **kw), "nfe": 1}
+    if args.student:
+        mfd = build_objective_from_checkpoint(args.student, use_ema=False).to(device)
+        out["mfd_aux"] = {**time_training_step(mfd, big, "aux", **kw), "nfe": 2}   # student fwd + aux fwd/bwd
+        out["mfd_student"] = time_training_step(mfd, big, "student", **kw)
+    return out
+
+
+def print_tables(res: dict) -> None:
+    d = res["device"]
+    print(f"== speed: {d['device']} ({d['device_name']}), {d['dtype']}, {d['threads']} threads, torch {d['torch']}; "
+          f"batch 1, {res['protocol']['runs']} runs after {res['protocol']['warmup']} warm-up; median (p90) ms ==")
+    stages = ["encode", "sample", "decode", "argmax"]
+    print(f"{'row':<28} {'NFE':>4} {'e2e ms':>9} {'p90':>8} {'FPS':>7} "
+          + " ".join(f"{s:>8}" for s in stages) + f"  {'×' + res['speedup_reference']:>14}")
+    for r in res["rows"]:
+        st = r["stages_ms"]
+        print(f"{r['name']:<28} {r['nfe']:>4} {r['latency_ms_median']:>9.2f} {r['latency_ms_p90']:>8.2f} "
+              f"{r['fps']:>7.1f} " + " ".join(f"{st[s]:>8.2f}" if s in st else f"{'-':>8}" for s in stages)
+              + f"  {res['speedups'][r['name']]:>14.2f}")
+    if "student_over_floor" in res:
+        print(f"student@1 latency / floor = {res['student_over_floor']:.3f}")
+    for name, t in res.get("training_steps_ms", {}).items():
+        if isinstance(t, dict):
+            nfe = t.get("nfe_median", t.get("nfe"))
+            print(f"train step {name:<12} {t['ms_median']:9.1f} ms (p90 {t['ms_p90']:.1f})  NFE {nfe}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

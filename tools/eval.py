@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Evaluate forecasting checkpoints and baselines on a prepared dataset: one protocol header, one table.
+
+    python tools/eval.py --data data/synthetic --split val \
+        --model runs/teacher/latest.pt:steps=10 --model runs/teacher/latest.pt:steps=1 \
+        --model runs/student/latest.pt --baseline copy-last --baseline warp-last \
+        --out results.json --csv results.csv --plot curves.png
+
+``--model [NAME=]CKPT[:steps=N][,cfg=S]`` may repeat; one checkpoint is loaded once whatever its step counts.
+Names default to the checkpoint's kind (teacher / student / vsd), suffixed @steps when needed to be unique.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from occ_mfd.data.sequences import OccSequenceDataset
+from occ_mfd.eval.baselines import BASELINES
+from occ_mfd.eval.forecasters import PipelineForecaster, check_compatible, load_forecaster, parse_model_spec
+from occ_mfd.eval.report import format_header, format_table, plot_curves, protocol_header, results_dict, \
+    write_csv, write_json
+from occ_mfd.eval.runner import run_eval
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="prepared dataset root (index.json + gts/)")
+    p.add_argument("--split", default="val", help="index split to evaluate ('all' for every scene)")
+    p.add_argument("--model", action="append", default=[], help="[NAME=]CKPT[:steps=N][,cfg=S]; repeatable")
+    p.add_argument("--baseline", action="append", default=[], choices=sorted(BASELINES))
+    p.add_argument("--out", help="results JSON")
+    p.add_argument("--csv", help="results CSV")
+    p.add_argument("--plot", help="PNG of IoU/mIoU vs horizon")
+    p.add_argument("--dump-forecasts", metavar="DIR", help="write viewer dumps of the first sequences per row")
+    p.add_argument("--dump-count", type=int, default=4)
+    p.add_argument("--max-sequences", type=int)
+    p.add_argument("--mask", default="none", choices=["none", "lidar", "camera"])
+    p.add_argument("--past", type=int, default=4)
+    p.add_argument("--future", type=int, default=6)
+    p.add_argument("--pool", type=int, help="load-time pooling (default: the checkpoints' data.pool, else 1)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--no-ema", action="store_true", help="evaluate the live weights instead of the EMA")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    return p.parse_args(argv)
+
+
+def build_rows(args, device):
+    """→ (rows, model protocol dicts, pool). Each checkpoint path is loaded once."""
+    specs = [parse_model_spec(m) for m in args.model]
+    loaded = {}
+    for s in specs:
+        if s.path not in loaded:
+            if not Path(s.path).is_file():
+                raise FileNotFoundError(f"checkpoint {s.path} does not exist")
+            loaded[s.path] = load_forecaster(s.path, use_ema=not args.no_ema, device=device)
+    pools = {info.pool for _, info in loaded.values()}
+    if len(pools) > 1:
+        raise ValueError(f"the checkpoints were trained at different pooling factors {sorted(pools)}: "
+                         + ", ".join(f"{p}: pool={i.pool}" for p, (_, i) in loaded.items()))
+    pool = args.pool or (pools.pop() if pools else 1)
+    planned = []
+    for s in specs:
+        pipeline, info = loaded[s.path]
+        planned.append((s, pipeline, info, s.steps or info.steps))
+    kinds = [s.name or info.kind for s, _, info, _ in planned]
+    rows, models = [], []
+    for (s, pipeline, info, steps), kind in zip(planned, kinds):
+        name = s.name or (kind if kinds.count(kind) == 1 else f"{kind}@{steps}")
+        while name in {r.name for r in rows}:
+            name += "'"
+        row = PipelineForecaster(pipeline, name, steps, s.cfg_scale)
+        rows.append(row)
+        models.append({"name": name, "checkpoint": info.path, "kind": info.kind, "steps": steps, "sampler": "euler",
+                       "shift": row.shift, "cfg_scale": row.effective_cfg, "ema": not args.no_ema,
+                       "pipeline_from": info.via, "git_rev": info.git_rev})
+    return rows, models, loaded, pool
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.model and not args.baseline:
+        print("error: nothing to evaluate: give --model and/or --baseline", file=sys.stderr)
+        return 2
+    try:
+        if not (Path(args.data) / "index.json").is_file():
+            raise FileNotFoundError(f"--data {args.data}: no index.json there (prepare the data first)")
+        device = torch.device(args.device)
+        rows, models, loaded, pool = build_rows(args, device)
+        mask = None if args.mask == "none" else args.mask
+        split = None if args.split == "all" else args.split
+        dataset = OccSequenceDataset(args.data, split, past=args.past, future=args.future, pool=pool, mask=mask)
+        for _, info in loaded.values():
+            check_compatible(info, dataset.grid, dataset.index.classes, args.data, args.past, args.future)
+        rows += [BASELINES[b](dataset.grid) for b in dict.fromkeys(args.baseline)]
+        n = len(dataset) if args.max_sequences is None else min(args.max_sequences, len(dataset))
+        protocol = protocol_header(data_root=args.data, split=split, num_sequences=n, grid=dataset.grid,
+                                   past=args.past, future=args.future, mask=mask, seed=args.seed, device=device,
+                                   batch_size=args.batch_size, models=models)
+        print(format_header(protocol), flush=True)
+        results = run_eval(dataset, rows, grid=dataset.grid, batch_size=args.batch_size, seed=args.seed,
+                           device=device, max_sequences=args.max_sequences, num_workers=args.num_workers,
+                           dump_dir=args.dump_forecasts, dump_count=args.dump_count)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res = results_dict(protocol, results)
+    print()
+    print(format_table(res))
+    for flag, writer in ((args.out, write_json), (args.csv, write_csv), (args.plot, plot_curves)):
+        if flag:
+            print(f"wrote {writer(flag, res)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
