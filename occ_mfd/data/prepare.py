@@ -1,0 +1,226 @@
+"""The ``prepare`` job: nuScenes dataroot → ``<out>/gts/<scene>/<token>/labels.npz`` + ``index.json``.
+
+Parallel over scenes (one worker accumulates a scene once and writes all its keyframes), resumable
+(a frame whose file exists and validates is skipped; writes are atomic, stale temp files are removed),
+shardable (``shard=(k, n)``: scenes ``i`` with ``i % n == k`` of the sorted scene list; each shard writes
+``index.shard-k-of-n.json``; when all ``n`` exist they are merged into ``index.json``).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from occ_mfd.data.index import DatasetIndex, FrameEntry, SceneEntry, load_index, merge_indexes, save_index
+from occ_mfd.data.nuscenes import NuScenesSource, SceneRecord
+from occ_mfd.data.occ3d import labels_path, read_labels, write_labels
+from occ_mfd.data.occupancy.accumulate import AccumulatorConfig, accumulate_scene
+from occ_mfd.data.occupancy.generate import FrameConfig, keyframe_occupancy
+from occ_mfd.grid import OCC3D_GRID, GridSpec
+
+log = logging.getLogger(__name__)
+
+GRID_PRESETS = {"occ3d": OCC3D_GRID, "occ3d-0.8": OCC3D_GRID.pooled(2)}
+
+
+@dataclass
+class PrepareConfig:
+    """Everything that decides the labels (recorded in index.json's ``source``)."""
+
+    grid: GridSpec = OCC3D_GRID
+    window: int | None = None
+    ray_window: int = 0
+    use_sweeps: bool = True
+    box_margin: float = 0.2
+    nn_max_dist: float = 1.0
+
+    def frame_cfg(self) -> FrameConfig:
+        return FrameConfig(grid=self.grid, window=self.window, ray_window=self.ray_window)
+
+    def acc_cfg(self) -> AccumulatorConfig:
+        return AccumulatorConfig(box_margin=self.box_margin, nn_max_dist=self.nn_max_dist,
+                                 use_sweeps=self.use_sweeps, dedup_across_keyframes=self.window is None)
+
+
+@dataclass
+class SceneResult:
+    name: str
+    entry: SceneEntry | None
+    written: int = 0
+    skipped: int = 0
+    bad: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def shard_scenes(names: list[str], shard: tuple[int, int] | None) -> list[str]:
+    """Deterministic split: the sorted names with ``i % n == k``."""
+    names = sorted(names)
+    if shard is None:
+        return names
+    k, n = shard
+    if not (n >= 1 and 0 <= k < n):
+        raise ValueError(f"shard {k}/{n}: need 0 <= K < N")
+    return [s for i, s in enumerate(names) if i % n == k]
+
+
+def _frame_done(path: Path, grid: GridSpec) -> bool:
+    try:
+        read_labels(path, grid)
+        return True
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def _clean_tmp(scene_dir: Path) -> None:
+    """Remove temp files left by a killed run (write_labels' ``labels.npz.*.tmp.npz``) in our scene."""
+    if scene_dir.is_dir():
+        for p in scene_dir.glob("*/labels.npz.*.tmp*"):
+            p.unlink(missing_ok=True)
+
+
+def scene_entry(scene: SceneRecord) -> SceneEntry:
+    return SceneEntry(scene.name, scene.split,
+                      [FrameEntry(kf.token, kf.timestamp, kf.ego2global) for kf in scene.keyframes])
+
+
+def prepare_scene(src: NuScenesSource, name: str, out: Path, cfg: PrepareConfig, skip_bad: bool = False,
+                  max_frames: int | None = None) -> SceneResult:
+    """Generate every missing keyframe of one scene; returns its index entry (None when it failed)."""
+    t0 = time.perf_counter()
+    res = SceneResult(name, None)
+    try:
+        scene = src.scene(name)
+        _clean_tmp(out / "gts" / name)
+        todo = [k for k, kf in enumerate(scene.keyframes)
+                if not _frame_done(labels_path(out, name, kf.token), cfg.grid)]
+        res.skipped = len(scene.keyframes) - len(todo)
+        if max_frames is not None:
+            todo = todo[:max_frames]
+        if todo:
+            on_bad = (lambda e: res.bad.append(str(e))) if skip_bad else None
+            boxes_of = lambda sw, kf: src.boxes(sw.token)
+            cloud = accumulate_scene(scene, boxes_of, cfg.acc_cfg(), on_bad=on_bad)
+            fcfg = cfg.frame_cfg()
+            for k in todo:
+                frame = keyframe_occupancy(cloud, scene.keyframes[k], k, fcfg)
+                write_labels(labels_path(out, name, scene.keyframes[k].token), frame, cfg.grid)
+                res.written += 1
+        res.entry = scene_entry(scene)
+    except (OSError, ValueError, KeyError) as e:
+        if not skip_bad:
+            raise
+        res.bad.append(f"scene {name}: {e}")
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# Worker processes get the devkit object once (fork-inherited or rebuilt), not per task.
+_WORKER: dict = {}
+
+
+def _init_worker(dataroot, version, out, cfg, skip_bad):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _WORKER.update(src=_WORKER.get("src") or NuScenesSource(dataroot, version), out=Path(out), cfg=cfg,
+                   skip_bad=skip_bad)
+
+
+def _work(name: str) -> SceneResult:
+    w = _WORKER
+    return prepare_scene(w["src"], name, w["out"], w["cfg"], w["skip_bad"])
+
+
+def source_dict(src: NuScenesSource, cfg: PrepareConfig) -> dict:
+    return {"kind": "nuscenes", "dataroot": str(src.dataroot), "version": src.version,
+            "window": cfg.window, "ray_window": cfg.ray_window, "use_sweeps": cfg.use_sweeps,
+            "box_margin": cfg.box_margin, "nn_max_dist": cfg.nn_max_dist, "lidarseg": src.has_lidarseg,
+            "fill_ground": cfg.frame_cfg().fill_ground, "dedup_m": cfg.acc_cfg().dedup,
+            "ego_box": [list(v) for v in cfg.acc_cfg().ego_box]}
+
+
+def run_prepare(dataroot, version, out, cfg: PrepareConfig = PrepareConfig(), scenes: list[str] | None = None,
+                workers: int | None = None, shard: tuple[int, int] | None = None, skip_bad: bool = False,
+                progress: bool = True, src: NuScenesSource | None = None) -> dict:
+    """Run (or resume) the job; returns counts. Writes ``index.json`` (or the shard's partial index)."""
+    out = Path(out)
+    src = src or NuScenesSource(dataroot, version)
+    all_names = src.scene_names()
+    if scenes:
+        unknown = sorted(set(scenes) - set(all_names))
+        if unknown:
+            raise KeyError(f"{Path(dataroot) / version}: unknown scene(s) {unknown}")
+    names = shard_scenes(scenes or all_names, shard)
+    nkf = {s["name"]: s["nbr_samples"] for s in src.nusc.scene}
+    workers = workers or min(4, os.cpu_count() or 1)
+    results: list[SceneResult] = []
+    bar = tqdm(total=sum(nkf[n] for n in names), unit="kf", disable=not progress, desc="prepare")
+    if workers <= 1 or len(names) <= 1:
+        for n in names:
+            results.append(prepare_scene(src, n, out, cfg, skip_bad))
+            bar.update(nkf[n])
+    else:
+        _WORKER["src"] = src  # inherited by forked workers; rebuilt under spawn
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(workers, _init_worker, (dataroot, version, out, cfg, skip_bad)) as pool:
+            for r in pool.imap_unordered(_work, names):
+                results.append(r)
+                bar.update(nkf[r.name])
+        _WORKER.clear()
+    bar.close()
+    order = {n: i for i, n in enumerate(names)}
+    results.sort(key=lambda r: order[r.name])
+    bad = [b for r in results for b in r.bad]
+    for b in bad:
+        log.warning("skipped bad input: %s", b)
+    idx = DatasetIndex(cfg.grid, [r.entry for r in results if r.entry is not None], source_dict(src, cfg))
+    if shard is None:
+        save_index(out, idx)
+    else:
+        k, n = shard
+        save_index(out, idx, f"index.shard-{k}-of-{n}.json")
+        merge_shards(out, n)
+    return {"scenes": len(names), "written": sum(r.written for r in results),
+            "skipped": sum(r.skipped for r in results), "bad": len(bad), "bad_messages": bad}
+
+
+def merge_shards(out, n: int) -> bool:
+    """Merge ``index.shard-*-of-n.json`` into ``index.json`` once all ``n`` exist; returns whether it did."""
+    out = Path(out)
+    paths = [out / f"index.shard-{k}-of-{n}.json" for k in range(n)]
+    if not all(p.is_file() for p in paths):
+        return False
+    merged = merge_indexes([load_index(p) for p in paths])
+    merged.scenes.sort(key=lambda s: s.name)
+    save_index(out, merged)
+    return True
+
+
+def dry_run(dataroot, version, cfg: PrepareConfig = PrepareConfig(), scenes=None, workers=None, shard=None,
+            src: NuScenesSource | None = None) -> dict:
+    """Estimate time and disk by preparing one keyframe of the first scene in memory (nothing written)."""
+    src = src or NuScenesSource(dataroot, version)
+    names = shard_scenes(scenes or src.scene_names(), shard)
+    nkf = {s["name"]: s["nbr_samples"] for s in src.nusc.scene}
+    total = sum(nkf[n] for n in names)
+    scene = src.scene(names[0])
+    t0 = time.perf_counter()
+    cloud = accumulate_scene(scene, lambda sw, kf: src.boxes(sw.token), cfg.acc_cfg())
+    t_acc = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    frame = keyframe_occupancy(cloud, scene.keyframes[0], 0, cfg.frame_cfg())
+    t_frame = time.perf_counter() - t0
+    buf = io.BytesIO()
+    np.savez_compressed(buf, semantics=frame.semantics, mask_lidar=frame.mask_lidar,
+                        mask_camera=frame.mask_camera)
+    per_kf = t_acc / max(1, len(scene.keyframes)) + t_frame
+    workers = workers or min(4, os.cpu_count() or 1)
+    return {"keyframes": total, "scenes": len(names), "seconds_per_keyframe": per_kf,
+            "estimated_hours": per_kf * total / workers / 3600, "workers": workers,
+            "bytes_per_frame": buf.getbuffer().nbytes,
+            "estimated_gb": buf.getbuffer().nbytes * total / 1e9}
