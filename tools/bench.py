@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from occ_mfd.data.atomic import atomic_write
+from occ_mfd.atomic import atomic_write
 from occ_mfd.data.records import OccBatch, collate_sequences
 from occ_mfd.eval.forecasters import load_forecaster
 from occ_mfd.eval.speed import floor_stages, measure, pipeline_stages, runtime_info, speedups, \

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from occ_mfd.data.atomic import atomic_write
+from occ_mfd.atomic import atomic_write
 from occ_mfd.grid import FREE_ID, OCC3D_CLASSES, GridSpec
 
 INDEX_FILENAME = "index.json"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from occ_mfd.data.atomic import atomic_write
+from occ_mfd.atomic import atomic_write
 from occ_mfd.grid import NUM_CLASSES, OCC3D_GRID, GridSpec
 
 LABEL_KEYS = ("semantics", "mask_lidar", "mask_camera")

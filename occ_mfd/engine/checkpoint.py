@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from mmengine.config import Config
 
+from occ_mfd.atomic import atomic_path
+
 FORMAT = "occ_mfd.ckpt/1"
 LATEST = "latest.pt"
 
@@ -91,15 +93,8 @@ def set_rng_state(state: dict) -> None:
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace``: readers never see a
     partial file, and a failed save leaves no file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _link_latest(path: Path) -> None:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from occ_mfd.atomic import atomic_write
+
 
 class LatentCache:
     def __init__(self, root: str | os.PathLike, key: str | None = None):
@@ -48,22 +50,11 @@ class LatentCache:
         latent = np.asarray(latent, dtype=np.float32)
         if latent.ndim != 3:
             raise ValueError(f"latent cache: expected a (C, H, W) latent for {scene}/{token}, got {latent.shape}")
-        p = self.path(scene, token)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, latent)
-            os.replace(tmp, p)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(self.path(scene, token), lambda f: np.save(f, latent))
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(data))
 
 
 @torch.no_grad()

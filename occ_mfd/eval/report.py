@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from occ_mfd.data.atomic import atomic_write
+from occ_mfd.atomic import atomic_path, atomic_write
 from occ_mfd.eval.runner import EvalRow
 from occ_mfd.grid import FREE_ID, OCC3D_CLASSES, GridSpec
 
@@ -158,9 +158,7 @@ def plot_curves(path: str | os.PathLike, results: dict) -> Path:
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

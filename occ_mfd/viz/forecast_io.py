@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from occ_mfd.atomic import atomic_path
 from occ_mfd.grid import NUM_CLASSES, GridSpec
 
 FORECAST_KEYS = ("past", "future_gt", "pred", "ego", "grid", "name", "scene", "tokens")
@@ -90,17 +90,10 @@ def save_forecast(path: str | os.PathLike, past: np.ndarray, future_gt: np.ndarr
     rec = ForecastRecord(np.asarray(past), np.asarray(future_gt), np.asarray(pred),
                          np.asarray(ego, dtype=np.float32), grid, str(name), str(scene), [str(t) for t in tokens])
     validate_forecast(rec, f"{path} (writing)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:   # a file object, so numpy does not append another ".npz"
-            np.savez_compressed(f, past=rec.past, future_gt=rec.future_gt, pred=rec.pred, ego=rec.ego,
-                                grid=np.array(json.dumps(grid.to_dict())), name=np.array(rec.name),
-                                scene=np.array(rec.scene), tokens=np.array(rec.tokens, dtype=str))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:  # a file object: no extra ".npz"
+        np.savez_compressed(f, past=rec.past, future_gt=rec.future_gt, pred=rec.pred, ego=rec.ego,
+                            grid=np.array(json.dumps(grid.to_dict())), name=np.array(rec.name),
+                            scene=np.array(rec.scene), tokens=np.array(rec.tokens, dtype=str))
     return path
 
 

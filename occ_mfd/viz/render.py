@@ -7,12 +7,12 @@ else the bird's-eye fallback with a one-line notice).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from occ_mfd.atomic import atomic_path
 from occ_mfd.grid import FREE_ID, PALETTE
 from occ_mfd.viz.backends import BEVRenderer, Open3DRenderer, RendererUnavailable, make_renderer  # noqa: F401
 from occ_mfd.viz.forecast_io import ForecastRecord
@@ -134,10 +134,7 @@ def save_animation(frames: list[np.ndarray], path: str | os.PathLike, fps: float
         except ImportError:
             raise RuntimeError(f"{path}: writing .mp4 needs the imageio-ffmpeg package "
                                "(pip install imageio-ffmpeg); or render a .gif instead") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=suffix) as tmp:
         if suffix == ".png":
             w = max(f.shape[1] for f in frames)
             pad = [np.pad(f, ((0, 0), (0, w - f.shape[1]), (0, 0)), constant_values=255) for f in frames]
@@ -146,8 +143,4 @@ def save_animation(frames: list[np.ndarray], path: str | os.PathLike, fps: float
             iio.mimsave(tmp, frames, format="gif", duration=1000.0 / fps, loop=0)
         else:
             iio.mimsave(tmp, frames, format="FFMPEG", fps=fps, macro_block_size=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -6,9 +6,10 @@ verifier can find leftovers with the glob ``*.tmp*``; the temp file is removed o
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -25,21 +26,27 @@ def _file_mode() -> int:
     return 0o644
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = True,
-                 suffix: str = "") -> Path:
-    """Call ``write(f)`` on a temp file next to ``path``, then rename it to ``path``; returns ``path``."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path next to ``path`` for a writer that wants a file name (torch.save, imageio, …);
+    on success the temp file is renamed to ``path``, on any error it is removed. ``suffix`` is appended
+    to the temp name for writers that pick a format from the extension."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
+        yield Path(tmp)
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = True,
+                 suffix: str = "") -> Path:
+    """Call ``write(f)`` on a temp file next to ``path``, then rename it to ``path``; returns ``path``."""
+    with atomic_path(path, suffix) as tmp, open(tmp, "wb" if binary else "w") as f:
+        write(f)
+    return Path(path)
