@@ -118,7 +118,7 @@ def test_max_sequences_and_dump(moving, tmp_path):
     ds = OccSequenceDataset(moving, "val", mask=None)
     (row,) = run_eval(ds, [Perfect()], grid=G, max_sequences=1, dump_dir=tmp_path, dump_count=5, progress=False)
     assert row.metrics.confusion.sum() == 6 * G.num_voxels    # one sequence × 6 frames
-    files = sorted((tmp_path / "perfect").glob("*.npz"))
+    files = sorted((tmp_path / "perfect@1").glob("*.npz"))
     assert len(files) == 1
     rec = load_forecast(files[0])
     assert np.array_equal(rec.pred, ds[0].future) and np.array_equal(rec.past, ds[0].past)

@@ -72,7 +72,8 @@ def build_rows(args, device):
     rows, models = [], []
     for (s, pipeline, info, steps), kind in zip(planned, kinds):
         name = s.name or (kind if kinds.count(kind) == 1 else f"{kind}@{steps}")
-        while name in {r.name for r in rows}:
+        # Rows are identified by (name, steps), as in the JSON: the same name at other steps is fine.
+        while (name, steps) in {(r.name, r.steps) for r in rows}:
             name += "'"
         row = PipelineForecaster(pipeline, name, steps, s.cfg_scale)
         rows.append(row)

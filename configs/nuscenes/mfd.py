@@ -8,7 +8,8 @@ data = dict(type="occ_mfd.data.sequences.OccSequenceDataset", root="data/occ", s
             past=4, future=6, pool=1, mask=None, stride=1)
 objective = dict(type="occ_mfd.distill.occ_mfd.OccMeanFlowDistillation", teacher_ckpt="work_dirs/occfm/latest.pt",
                  cfg_scale=None, ode_step=0.02, aux_steps=9, student_steps=1, r_not_equal_t_ratio=1.0)
-optim = dict(aux=dict(lr=1e-4, weight_decay=1e-4, grad_clip=1.0),
+optim = dict(_delete_=True,  # replace the base file's single "main" group
+             aux=dict(lr=1e-4, weight_decay=1e-4, grad_clip=1.0),
              student=dict(lr=1e-4, weight_decay=1e-4, grad_clip=1.0))
 train = dict(max_steps=50_000, batch_size=1, num_workers=4, warmup_steps=0, schedule="constant",
              ema_decay=0.999, amp="bf16", ckpt_interval=2000)

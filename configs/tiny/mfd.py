@@ -13,7 +13,8 @@ objective = dict(
     r_not_equal_t_ratio=1.0,  # 1: mean flows over s < t (MFD); 0: s = t (VSD), see vsd.py
 )
 # Paper: AdamW lr 1e-4 for both, wd 1e-4, clip 1, constant lr. Tiny runs are short, so lr is higher.
-optim = dict(aux=dict(lr=3e-4, weight_decay=1e-4, grad_clip=1.0),
+optim = dict(_delete_=True,  # replace the base file's single "main" group
+             aux=dict(lr=3e-4, weight_decay=1e-4, grad_clip=1.0),
              student=dict(lr=3e-4, weight_decay=1e-4, grad_clip=1.0))
-train = dict(max_steps=400, batch_size=2, num_workers=0, warmup_steps=0, schedule="constant",
+train = dict(max_steps=160, batch_size=2, num_workers=0, warmup_steps=0, schedule="constant",
              ema_decay=0.99, amp=None, log_interval=20, ckpt_interval=200, keep_ckpts=2)

@@ -9,8 +9,8 @@ objective = dict(
     type="occ_mfd.models.vae_objective.VAEObjective",
     vae=dict(type="occ_mfd.models.vae.OccVAE", num_classes=18, grid_z=8, class_dim=8, height_dim=4,
              channels=(32, 64, 64), num_res_blocks=1, latent_channels=8, downsample=4, sparse="auto"),
-    max_frames=4,  # frames of each 10-frame window used per step (keeps a CPU step short)
+    max_frames=2,  # frames of each 10-frame window used per step (keeps a CPU step short)
 )
 optim = dict(main=dict(lr=2e-3, weight_decay=0.01, grad_clip=5.0))
-train = dict(max_steps=600, batch_size=1, num_workers=0, warmup_steps=30, min_lr_ratio=0.05,
+train = dict(max_steps=300, batch_size=1, num_workers=0, warmup_steps=30, min_lr_ratio=0.05,
              ema_decay=0.99, amp=None, log_interval=25, ckpt_interval=200, keep_ckpts=2)

@@ -54,13 +54,13 @@ def run_eval(dataset: Dataset, rows: list[Forecaster], *, grid: GridSpec, batch_
 
     The batch's ``mask_future`` (from the dataset's ``mask``) restricts the counted voxels. With ``dump_dir``,
     the first ``dump_count`` sequences of each row are written with :func:`occ_mfd.viz.forecast_io.save_forecast`
-    to ``dump_dir/<row name>/<k>_<scene>.npz``.
+    to ``dump_dir/<row name>@<steps>/<k>_<scene>.npz``.
     """
     if not rows:
         raise ValueError("run_eval: no rows to evaluate (give --model and/or --baseline)")
-    names = [r.name for r in rows]
-    if len(set(names)) != len(names):
-        raise ValueError(f"run_eval: row names must be unique, got {names}")
+    keys = [(r.name, r.steps) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"run_eval: rows must differ in (name, steps), got {keys}")
     device = torch.device(device)
     if max_sequences is not None:
         dataset = Subset(dataset, range(min(int(max_sequences), len(dataset))))
@@ -84,7 +84,8 @@ def run_eval(dataset: Dataset, rows: list[Forecaster], *, grid: GridSpec, batch_
             pred = out.classes.long()                                                     # (B, F, X, Y, Z)
             metrics[ri].update(pred, batch.future, batch.mask_future)
             if dump_dir is not None and seen < dump_count:
-                _dump(Path(dump_dir) / _safe(row.name), batch, pred, grid, row.name, seen, dump_count)
+                _dump(Path(dump_dir) / _safe(f"{row.name}@{row.steps}"), batch, pred, grid, row.name, seen,
+                      dump_count)
         seen += batch.batch_size
     if not metrics:
         raise ValueError("run_eval: the dataset yielded no sequences")

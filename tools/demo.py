@@ -1,0 +1,106 @@
+"""The whole pipeline on the built-in synthetic world, small enough for a laptop CPU.
+
+    python tools/demo.py [--work-dir work_dirs/demo] [--size demo|smoke]
+
+Stages (each a separate tool, run as a subprocess so this file stays a thin list of commands):
+world → prepare → VAE → teacher → MFD student → eval → bench → GIF. A stage whose output already exists is
+skipped and says so, so running the demo again is cheap; the training stages resume by themselves.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+# World and training sizes. "smoke" is the end-to-end test's size: it checks the plumbing, not the quality.
+SIZES = {
+    "demo": dict(scenes=8, keyframes=40, sweeps=2, vae_steps=300, teacher_steps=400, mfd_steps=160,
+                 bench_runs=50, bench_warmup=10, max_eval=40),
+    "smoke": dict(scenes=2, keyframes=12, sweeps=1, vae_steps=10, teacher_steps=10, mfd_steps=10,
+                  bench_runs=3, bench_warmup=1, max_eval=2),
+}
+
+
+def run(stage: str, cmd: list[str], done: Path | None, timings: dict) -> None:
+    """Run one stage unless ``done`` exists; record its wall time."""
+    if done is not None and done.exists():
+        print(f"[demo] {stage}: reusing {done.relative_to(REPO) if done.is_relative_to(REPO) else done}")
+        timings[stage] = 0.0
+        return
+    print(f"[demo] {stage}: {' '.join(str(c) for c in cmd)}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(c) for c in cmd], cwd=REPO)
+    timings[stage] = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"[demo] stage '{stage}' failed (exit {proc.returncode}); fix the error above and run the "
+                 f"same command again: finished stages are reused.")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work-dir", default="work_dirs/demo", type=Path)
+    ap.add_argument("--size", choices=sorted(SIZES), default="demo")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    size = SIZES[args.size]
+    w = (args.work_dir if args.work_dir.is_absolute() else REPO / args.work_dir).resolve()
+    w.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    world, occ = w / "world", w / "occ"
+    run("world", [PY, "tools/make_synthetic.py", "--out", world, "--version", "v1.0-synth",
+                  "--scenes", size["scenes"], "--keyframes", size["keyframes"],
+                  "--sweeps-per-keyframe", size["sweeps"], "--seed", args.seed, "--workers", 2],
+        world / "v1.0-synth" / "scene.json", timings)
+    run("prepare", [PY, "tools/prepare_data.py", "--dataroot", world, "--version", "v1.0-synth",
+                    "--out", occ, "--workers", 2], occ / "index.json", timings)
+
+    ckpt = {name: w / name / "latest.pt" for name in ("vae", "teacher", "mfd")}
+    common = [f"data.root={occ}"]
+    run("vae", [PY, "tools/train.py", "configs/tiny/vae.py", "--work-dir", w / "vae",
+                "--max-steps", size["vae_steps"], "--cfg-options", *common], None, timings)
+    run("teacher", [PY, "tools/train.py", "configs/tiny/occfm.py", "--work-dir", w / "teacher",
+                    "--max-steps", size["teacher_steps"], "--cfg-options", *common,
+                    f"objective.vae_ckpt={ckpt['vae']}"], None, timings)
+    run("mfd", [PY, "tools/train.py", "configs/tiny/mfd.py", "--work-dir", w / "mfd",
+                "--max-steps", size["mfd_steps"], "--cfg-options", *common,
+                f"objective.teacher_ckpt={ckpt['teacher']}"], None, timings)
+
+    results, bench, gif = w / "results.json", w / "bench.json", w / "forecast.gif"
+    eval_cmd = [PY, "tools/eval.py", "--data", occ, "--split", "val",
+                "--model", f"teacher={ckpt['teacher']}:steps=10", "--model", f"teacher={ckpt['teacher']}:steps=1",
+                "--model", f"student={ckpt['mfd']}:steps=1", "--baseline", "copy-last", "--baseline", "warp-last",
+                "--out", results, "--csv", w / "results.csv", "--dump-forecasts", w / "forecasts", "--dump-count", 2,
+                "--plot", w / "horizons.png"]
+    if size["max_eval"]:
+        eval_cmd += ["--max-sequences", size["max_eval"]]
+    run("eval", eval_cmd, results, timings)
+    run("bench", [PY, "tools/bench.py", "--teacher", ckpt["teacher"], "--student", ckpt["mfd"],
+                  "--data", occ, "--split", "val", "--steps", 1, 10, "--runs", size["bench_runs"], "--warmup", size["bench_warmup"],
+                  "--out", bench],
+        bench, timings)
+    dumps = sorted((w / "forecasts" / "student@1").glob("*.npz"))
+    if dumps:
+        run("render", [PY, "visualize/view.py", "--forecast", dumps[0], "--render", gif], gif, timings)
+
+    total = time.perf_counter() - t_all
+    (w / "demo_timings.json").write_text(json.dumps({**timings, "total": total}, indent=2))
+    print("\n[demo] stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+          + f"; total {total:.0f}")
+    if results.exists():
+        print(f"[demo] table: {results}")
+    print(f"[demo] outputs in {w}: occ/ (prepared data), vae/ teacher/ mfd/ (checkpoints, TensorBoard), "
+          f"results.json, bench.json, forecast.gif")
+
+
+if __name__ == "__main__":
+    main()
