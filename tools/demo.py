@@ -78,7 +78,7 @@ def main() -> None:
     results, bench, gif = w / "results.json", w / "bench.json", w / "forecast.gif"
     eval_cmd = [PY, "tools/eval.py", "--data", occ, "--split", "val",
                 "--model", f"teacher={ckpt['teacher']}:steps=10", "--model", f"teacher={ckpt['teacher']}:steps=1",
-                "--model", f"student={ckpt['mfd']}:steps=1", "--baseline", "copy-last", "--baseline", "warp-last",
+                "--model", f"student={ckpt['mfd']}:steps=1", "--baseline", "copy-last", "--baseline", "warp-last", "--recon",
                 "--out", results, "--csv", w / "results.csv", "--dump-forecasts", w / "forecasts", "--dump-count", 2,
                 "--plot", w / "horizons.png"]
     if size["max_eval"]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from occ_mfd.data.sequences import OccSequenceDataset
-from occ_mfd.eval.baselines import BASELINES
+from occ_mfd.eval.baselines import BASELINES, VAEReconstruction
 from occ_mfd.eval.forecasters import PipelineForecaster, check_compatible, load_forecaster, parse_model_spec
 from occ_mfd.eval.report import format_header, format_table, plot_curves, protocol_header, results_dict, \
     write_csv, write_json
@@ -31,6 +31,9 @@ def parse_args(argv=None):
     p.add_argument("--split", default="val", help="index split to evaluate ('all' for every scene)")
     p.add_argument("--model", action="append", default=[], help="[NAME=]CKPT[:steps=N][,cfg=S]; repeatable")
     p.add_argument("--baseline", action="append", default=[], choices=sorted(BASELINES))
+    p.add_argument("--recon", action="store_true",
+                   help="add a 'vae-recon' row: the first model's VAE reconstructing the ground-truth future "
+                        "(the ceiling of every forecast through that VAE)")
     p.add_argument("--out", help="results JSON")
     p.add_argument("--csv", help="results CSV")
     p.add_argument("--plot", help="PNG of IoU/mIoU vs horizon")
@@ -101,6 +104,10 @@ def main(argv=None) -> int:
         for _, info in loaded.values():
             check_compatible(info, dataset.grid, dataset.index.classes, args.data, args.past, args.future)
         rows += [BASELINES[b](dataset.grid) for b in dict.fromkeys(args.baseline)]
+        if args.recon:
+            if not rows or not hasattr(rows[0], "pipeline"):
+                raise ValueError("--recon needs a --model (its VAE is reconstructed)")
+            rows.append(VAEReconstruction(rows[0].pipeline.codec))
         n = len(dataset) if args.max_sequences is None else min(args.max_sequences, len(dataset))
         protocol = protocol_header(data_root=args.data, split=split, num_sequences=n, grid=dataset.grid,
                                    past=args.past, future=args.future, mask=mask, seed=args.seed, device=device,

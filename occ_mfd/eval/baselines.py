@@ -63,7 +63,12 @@ class CopyLast:
 
 
 class WarpLast:
-    """Baseline forecaster "warp-last" on ``grid`` (the grid of the evaluated data)."""
+    """Baseline forecaster "warp-last" on ``grid`` (the grid of the evaluated data).
+
+    It warps by the *ground-truth future ego poses* (a static world seen from where the ego will be): it
+    knows the future trajectory, like planning-conditioned models (DOME, OccFM's ``fut`` variant), unlike a
+    model conditioned on the past trajectory only. Compare it with those.
+    """
 
     name, steps = "warp-last", 0
 
@@ -72,6 +77,23 @@ class WarpLast:
 
     def __call__(self, batch, generator: torch.Generator | None = None) -> Forecast:
         return Forecast(classes=warp_last(batch.past, batch.ego, self.grid, self.free_id), nfe=0)
+
+
+class VAEReconstruction:
+    """Row "vae-recon": the VAE's reconstruction of the *ground-truth* future (encode → decode → argmax).
+
+    Not a forecaster: it reads the future. It is the ceiling of every latent forecaster that decodes through
+    the same VAE, so a table shows how much of the gap to 100 is the tokenizer's.
+    """
+
+    name, steps = "vae-recon", 0
+
+    def __init__(self, codec):
+        self.codec = codec
+
+    @torch.no_grad()
+    def __call__(self, batch, generator: torch.Generator | None = None) -> Forecast:
+        return Forecast(classes=self.codec.decode(self.codec.encode(batch.future)), nfe=0)
 
 
 BASELINES = {"copy-last": lambda grid: CopyLast(), "warp-last": lambda grid: WarpLast(grid)}
