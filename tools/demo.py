@@ -43,6 +43,11 @@ def run(stage: str, cmd: list[str], done: Path | None, timings: dict) -> None:
                  f"same command again: finished stages are reused.")
 
 
+def _pair(iou, miou) -> str:
+    fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
+    return f"{fmt(iou)} / {fmt(miou)}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work-dir", default="work_dirs/demo", type=Path)
@@ -97,7 +102,11 @@ def main() -> None:
     print("\n[demo] stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
           + f"; total {total:.0f}")
     if results.exists():
-        print(f"[demo] table: {results}")
+        print(f"\n[demo] results ({results}): IoU / mIoU in %, val split")
+        print(f"{'row':<12}{'steps':>6}  {'mean 1/2/3 s (OccWorld/DOME)':>30}  {'mean all (OccFM)':>18}")
+        for r in json.loads(results.read_text())["rows"]:
+            print(f"{r['name']:<12}{r['steps']:>6}  {_pair(r['iou_mean_123'], r['miou_mean_123']):>30}  "
+                  f"{_pair(r['iou_mean_all'], r['miou_mean_all']):>18}")
     print(f"[demo] outputs in {w}: occ/ (prepared data), vae/ teacher/ mfd/ (checkpoints, TensorBoard), "
           f"results.json, bench.json, forecast.gif")
 
