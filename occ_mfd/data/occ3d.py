@@ -38,6 +38,19 @@ class OccFrame:
     mask_camera: np.ndarray
 
 
+def read_npz(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` (no pickles). FileNotFoundError / ValueError name the file and ``what`` it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zlib.error) as e:
+        raise ValueError(f"{path}: not a readable .npz archive (truncated or corrupt?): "
+                         f"{type(e).__name__}: {e}") from e
+
+
 def labels_path(root: str | os.PathLike, scene_name: str, token: str) -> Path:
     """``root/gts/<scene_name>/<token>/labels.npz``."""
     return Path(root) / "gts" / scene_name / token / LABELS_FILENAME
@@ -100,14 +113,7 @@ def read_labels(path: str | os.PathLike, grid: GridSpec | None = None) -> OccFra
             the message names the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: Occ3D labels file not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zlib.error) as e:
-        raise ValueError(f"{path}: not a readable .npz archive (truncated or corrupt?): "
-                         f"{type(e).__name__}: {e}") from e
+    arrays = read_npz(path, "Occ3D labels file")
     _check_arrays(str(path), arrays, grid)
     return OccFrame(*(arrays[k] for k in LABEL_KEYS))
 

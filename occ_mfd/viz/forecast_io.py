@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from occ_mfd.atomic import atomic_path
+from occ_mfd.data.occ3d import read_npz
 from occ_mfd.grid import NUM_CLASSES, GridSpec
 
 FORECAST_KEYS = ("past", "future_gt", "pred", "ego", "grid", "name", "scene", "tokens")
@@ -100,13 +100,7 @@ def save_forecast(path: str | os.PathLike, past: np.ndarray, future_gt: np.ndarr
 def load_forecast(path: str | os.PathLike) -> ForecastRecord:
     """Read and validate one dump. Raises FileNotFoundError / ValueError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: forecast file not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            d = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable forecast .npz ({type(e).__name__}: {e})") from e
+    d = read_npz(path, "forecast file")
     missing = [k for k in FORECAST_KEYS if k not in d]
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing}; found {sorted(d)}, expected {list(FORECAST_KEYS)}")
