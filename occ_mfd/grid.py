@@ -152,6 +152,9 @@ LIDARSEG_CLASSES: tuple[str, ...] = (
 #: Label value for points that carry no geometry label (noise returns, the ego vehicle): dropped.
 IGNORE = 255
 
+#: Seconds between keyframes (nuScenes samples, 2 Hz): the spacing of every history and future frame.
+KEYFRAME_DT_S = 0.5
+
 _FINE_TO_OCC3D_NAME = {
     # The nuScenes-lidarseg challenge's fine → coarse table (devkit LidarsegClassMapper), with its
     # "ignore" class becoming Occ3D's "others" (id 0), as Occ3D does. Noise and the ego vehicle are

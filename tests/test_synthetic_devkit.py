@@ -2,7 +2,7 @@
 
 Most tests use a hand-made scene (``tiny_scene``: an ego and agents moving at constant velocity, points
 sampled inside the agents' boxes and on a static ground lattice) whose every pose, box and point is
-known in closed form; one slow test runs the real simulator when ``simulate.py`` exists.
+known in closed form; one slow test runs the real simulator.
 """
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ from nuscenes.utils.geometry_utils import points_in_box
 from pyquaternion import Quaternion
 
 from occ_mfd.data.synthetic.nuscenes_quat import matrix_to_quat_wxyz
+from occ_mfd.data.synthetic.nuscenes_writer import make_token, write_scenes
 from occ_mfd.data.synthetic.scene import SimAgent, SimAgentState, SimLidarCalib, SimScene, SimSweep
-from occ_mfd.data.synthetic.world import make_world
+from occ_mfd.data.synthetic.simulate import simulate_scene
+from occ_mfd.data.synthetic.world import make_world, scene_seed
 from occ_mfd.grid import LIDARSEG_CLASSES, GridSpec
 
 VERSION = "v1.0-synth"
@@ -111,7 +113,6 @@ def world(tmp_path_factory):
 
 
 def _scene_seeds(seed, names):
-    from occ_mfd.data.synthetic.world import scene_seed
     return {n: scene_seed(seed, n) for n in names}
 
 
@@ -376,10 +377,7 @@ def test_workers_give_the_same_world(world, tmp_path_factory):
 
 @pytest.mark.slow
 def test_simulated_scene_through_devkit(tmp_path):
-    simulate = pytest.importorskip("occ_mfd.data.synthetic.simulate")
-    from occ_mfd.data.synthetic.nuscenes_writer import write_scenes
-
-    sim = simulate.simulate_scene("scene-0001", seed=11, num_keyframes=10, sweeps_per_keyframe=2, split="train")
+    sim = simulate_scene("scene-0001", seed=11, num_keyframes=10, sweeps_per_keyframe=2, split="train")
     write_scenes([sim], tmp_path, VERSION, salt="t")
     with contextlib.redirect_stdout(io.StringIO()):
         nusc = NuScenes(version=VERSION, dataroot=str(tmp_path), verbose=False)
@@ -415,7 +413,6 @@ def test_simulated_scene_through_devkit(tmp_path):
 
 
 def make_token_for(agent_index: int) -> str:
-    from occ_mfd.data.synthetic.nuscenes_writer import make_token
     return make_token("t", "instance", "scene-0001", agent_index)
 
 

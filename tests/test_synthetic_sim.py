@@ -4,10 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from occ_mfd.data.synthetic.geometry import Cylinders, Spheres, concat_boxes, make_boxes
-from occ_mfd.data.synthetic.lidar import LidarModel, Scene, cast
+from occ_mfd.data.occupancy.points import ego_mask
+from occ_mfd.data.synthetic.geometry import Cylinders, Spheres, concat_boxes, inside_boxes, make_boxes
+from occ_mfd.data.synthetic.lidar import EGO_LABEL, LidarModel, Scene, cast
 from occ_mfd.data.synthetic.simulate import lidar_calibration, pose_matrix, simulate_scene
+from occ_mfd.data.synthetic.town import build_town
 from occ_mfd.data.synthetic.truth import occupancy
+from occ_mfd.ego import NUSCENES_EGO
 from occ_mfd.grid import FREE_ID, LIDARSEG_CLASSES, LIDARSEG_TO_OCC3D, GridSpec
 
 EXACT = LidarModel(range_noise=0.0, noise_fraction=0.0)
@@ -114,6 +117,18 @@ def scene():
     return simulate_scene("t", seed=3, num_keyframes=4, sweeps_per_keyframe=2, split="train", with_truth=True)
 
 
+def test_ego_returns_lie_in_the_pipelines_removal_box(scene):
+    # The simulator's car (its occluder) and the pipeline's removal box come from one definition: every
+    # simulated return off the ego lies in the box, and the box swallows (almost) nothing else.
+    for s in scene.sweeps:
+        if not s.is_key:
+            continue
+        inside = ego_mask(s.points, scene.calib.sensor2ego)
+        is_ego = s.labels == EGO_LABEL
+        assert is_ego.sum() > 100 and inside[is_ego].all()
+        assert (inside & ~is_ego).sum() <= 0.01 * is_ego.sum()
+
+
 def test_timeline_and_point_counts(scene):
     ts = np.array([s.timestamp for s in scene.sweeps])
     np.testing.assert_array_equal(np.diff(ts), 250_000)
@@ -193,15 +208,11 @@ def test_determinism_by_seed():
 
 
 def test_agents_never_interpenetrate_world_ego_or_each_other(scene):
-    from occ_mfd.data.synthetic.geometry import inside_boxes
-    from occ_mfd.data.synthetic.simulate import EGO_CENTER_X, EGO_SIZE
-    from occ_mfd.data.synthetic.town import build_town
-
     town = build_town(np.random.default_rng(3))  # the town is the first draw of the scene's seed
     u = np.stack(np.meshgrid(*[np.linspace(-0.45, 0.45, 4)] * 3, indexing="ij"), -1).reshape(-1, 3)
     for k, key in enumerate(scene.keyframes):
         e = key.ego2global
-        ego = make_boxes((e @ [EGO_CENTER_X, 0, EGO_SIZE[2] / 2, 1])[:3], EGO_SIZE, np.arctan2(e[1, 0], e[0, 0]), 31)
+        ego = make_boxes((e @ [*NUSCENES_EGO.body.center, 1])[:3], NUSCENES_EGO.wlh, np.arctan2(e[1, 0], e[0, 0]), 31)
         phys = [a.size - [0.2, 0.2, 0.1] for a in scene.agents]
         boxes = concat_boxes([make_boxes([a.states[k].center[0], a.states[k].center[1], s[2] / 2], s,
                                          a.states[k].yaw, 17) for a, s in zip(scene.agents, phys)])

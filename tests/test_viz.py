@@ -69,8 +69,9 @@ def test_error_labels_and_legend():
 
 
 def test_ego_box_and_cameras():
-    corners, edges = geo.ego_box()
-    np.testing.assert_allclose(corners.max(0) - corners.min(0), geo.EGO_SIZE)
+    corners, edges = geo.ego_box()                                       # body box, 1.3 m ahead of the rear axle
+    np.testing.assert_allclose(corners.min(0), [1.3 - 2.04, -0.865, 0.0], atol=1e-12)
+    np.testing.assert_allclose(corners.max(0), [1.3 + 2.04, 0.865, 1.56], atol=1e-12)
     lengths = sorted(np.round(np.linalg.norm(corners[edges[:, 0]] - corners[edges[:, 1]], axis=1), 6))
     assert lengths == sorted([1.56] * 4 + [1.73] * 4 + [4.08] * 4)
     E = geo.camera_preset("bev", SMALL).extrinsic()

@@ -8,10 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from occ_mfd.ego import NUSCENES_EGO, EgoVehicle
 from occ_mfd.grid import FREE_ID, OCC3D_CLASSES, PALETTE, GridSpec
-
-#: nuScenes ego vehicle (Renault Zoe) footprint and height in metres.
-EGO_SIZE = (4.08, 1.73, 1.56)
 
 #: Error view codes and colours: a voxel is free in both (hidden), correct, occupied in both with the
 #: wrong class, a false positive (pred occupied, GT free) or a false negative (GT occupied, pred free).
@@ -135,14 +133,13 @@ def error_labels(pred: np.ndarray, gt: np.ndarray, free_id: int = FREE_ID, mask:
     return codes, tp, fp, fn
 
 
-def ego_box(size=EGO_SIZE, ground_z: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Ego marker: (8, 3) box corners centred at the ego origin in x, y, from ``ground_z`` up, and (12, 2)
-    edge index pairs (a wire box for an Open3D ``LineSet``)."""
-    l, w, h = size
-    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (0, 1)], dtype=np.float64)
-    corners = signs * np.array([l / 2, w / 2, h]) + np.array([0.0, 0.0, ground_z])
-    edges = [(i, j) for i in range(8) for j in range(i + 1, 8)
-             if np.count_nonzero(signs[i] != signs[j]) == 1]
+def ego_box(ego: EgoVehicle = NUSCENES_EGO, ground_z: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Ego marker: (8, 3) corners of the car's body box where it really is in the ego frame — centred
+    ``ego.center_ahead`` (1.3 m for nuScenes) ahead of the ego origin (the rear axle), from ``ground_z``
+    up — and (12, 2) edge index pairs (a wire box for an Open3D ``LineSet``)."""
+    corners = ego.body_corners(ground_z)
+    bits = (np.arange(8)[:, None] >> np.array([2, 1, 0])) & 1       # corner i's (x, y, z) side, as in body_corners
+    edges = [(i, j) for i in range(8) for j in range(i + 1, 8) if np.count_nonzero(bits[i] != bits[j]) == 1]
     return corners, np.array(edges, dtype=np.int64)
 
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from occ_mfd.ego import NUSCENES_EGO
 from occ_mfd.grid import NUM_CLASSES, GridSpec
 
-#: The ego-vehicle box (nuScenes' Renault Zoe, 4.1 × 1.7 × 1.6 m, plus mirrors and a margin), in the
-#: **ego** frame (x forward from the rear axle, y left, z up from the ground): x ∈ [-1.2, 3.6],
-#: y ∈ [-1.1, 1.1], z ∈ [-0.5, 2.2]. LiDAR returns inside it are the car itself (lidarseg "vehicle.ego").
-EGO_BOX = ((-1.2, -1.1, -0.5), (3.6, 1.1, 2.2))
+#: The ego-vehicle removal box ((x, y, z) min, (x, y, z) max) in the **ego** frame (x forward from the rear
+#: axle, y left, z up from the ground): nuScenes' Renault Zoe plus mirrors and margins, defined and
+#: justified once, in :data:`occ_mfd.ego.NUSCENES_EGO`. LiDAR returns inside it are the car itself
+#: (lidarseg "vehicle.ego").
+EGO_BOX = NUSCENES_EGO.removal_box
 
 
 def transform(points: np.ndarray, m: np.ndarray) -> np.ndarray:

@@ -14,19 +14,13 @@ from occ_mfd.data.synthetic.lidar import EGO_LABEL, LidarModel, Scene, cast
 from occ_mfd.data.synthetic.scene import SimAgent, SimAgentState, SimLidarCalib, SimScene, SimSweep
 from occ_mfd.data.synthetic.town import Town, build_town, sample_size
 from occ_mfd.data.synthetic.truth import occupancy
-from occ_mfd.grid import LIDARSEG_CLASSES, OCC3D_GRID, GridSpec
+from occ_mfd.ego import NUSCENES_EGO
+from occ_mfd.grid import KEYFRAME_DT_S, LIDARSEG_CLASSES, OCC3D_GRID, GridSpec
 
-KEYFRAME_US = 500_000
-#: Renault Zoe-like ego: (w, l, h) and the box centre ahead of the rear axle (the ego origin).
-EGO_SIZE = np.array([1.73, 4.08, 1.56])
-EGO_CENTER_X = 1.3
+KEYFRAME_US = round(KEYFRAME_DT_S * 1e6)  # 500,000 µs
 #: Annotated boxes are the physical ones grown by 0.1 m per side (and 0.1 m on top): returns lie on the
 #: surfaces with 2 cm range noise, and boxes must contain their points (as nuScenes' loose boxes do).
 ANNOTATION_SLACK = np.array([0.2, 0.2, 0.1])
-#: The body as the LiDAR sees it: the cabin (l 2.4, w 1.5, top 1.44 m, centre 0.9 m ahead of the axle)
-#: on a full-footprint lower body 1.0 m high, so it shadows the lowest rings, as in real nuScenes sweeps.
-EGO_OCCLUDER = (np.array([[0.9, 0.0, 0.72], [EGO_CENTER_X, 0.0, 0.5]]),
-                np.array([[1.5, 2.4, 1.44], [EGO_SIZE[0], EGO_SIZE[1], 1.0]]))
 #: LIDAR_TOP → ego, rotation copied from real nuScenes (scene-0061's calibration: yaw ≈ −90°).
 _R_REAL = np.array([[0.00203327, 0.99970406, 0.02424172], [-0.99998051, 0.00217566, -0.00584864],
                     [-0.00589965, -0.02422936, 0.99968904]])
@@ -88,7 +82,8 @@ def _populate(town: Town, ego: Track, tf: np.ndarray, rng: np.random.Generator, 
     """Accept parked objects, lane vehicles and pedestrians that never overlap each other or the ego."""
     occ = _Occupancy()
     exy, eyaw, _ = ego.pose(tf)
-    occ.add(*occ.footprint(exy, eyaw, EGO_SIZE[1], EGO_SIZE[0], EGO_CENTER_X))
+    # The ego's footprint: nuScenes' Zoe, its body centred ``center_ahead`` ahead of the ego origin.
+    occ.add(*occ.footprint(exy, eyaw, NUSCENES_EGO.length, NUSCENES_EGO.width, NUSCENES_EGO.center_ahead))
     ego_pts = exy[:: max(len(tf) // 40, 1)]
     out: list[tuple[str, np.ndarray, Track | None, tuple]] = []  # (category, size, track, static pose)
 
@@ -180,7 +175,8 @@ def simulate_scene(name: str, *, seed: int, num_keyframes: int, sweeps_per_keyfr
     model = LidarModel()
     dirs = model.directions()
     s2e = lidar_calibration()
-    ego_body = lambda e2g: make_boxes(EGO_OCCLUDER[0] @ e2g[:3, :3].T + e2g[:3, 3], EGO_OCCLUDER[1],
+    occ_center, occ_wlh = NUSCENES_EGO.occluder_arrays()   # the car as the LiDAR sees it (ego frame)
+    ego_body = lambda e2g: make_boxes(occ_center @ e2g[:3, :3].T + e2g[:3, 3], occ_wlh,
                                       np.arctan2(e2g[1, 0], e2g[0, 0]), EGO_LABEL)
     statics = (town.boxes, town.cylinders, town.spheres)
     agents = [SimAgent(cat, np.asarray(size, float) + ANNOTATION_SLACK) for cat, size, _, _ in objs]
