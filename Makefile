@@ -3,12 +3,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo clean-demo
+.PHONY: setup lint test test-fast demo clean-demo
 
 setup:
 	bash scripts/setup_env.sh
 
-test: setup
+lint: setup
+	$(PY) -m ruff check occ_mfd tools tests benchmarks visualize
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup

@@ -38,14 +38,14 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.toy2d_gmm import ExactTeacher, GaussianMixture2D, MLPVelocity, energy_distance  # noqa: E402
-from occ_mfd.distill.mfd import MeanFlowDistillation, variational_score_distillation  # noqa: E402
+from occ_mfd.objectives.mfd import MeanFlowDistillation, variational_score_distillation  # noqa: E402
 from occ_mfd.flow.solver import euler_integrate  # noqa: E402
 from occ_mfd.flow.time_sampling import time_grid  # noqa: E402
 
 FULL = dict(fit_steps=1500, aux_warmup=300, train_steps=3000, batch=256, grad_reps=200, eval_n=2000,
-            aux_steps=4, student_steps=1, lr=1e-3, ode_step=0.02, grad_after_training=1)
+            aux_steps=4, student_steps=1, lr=1e-3, max_substep=0.02, grad_after_training=1)
 QUICK = dict(fit_steps=300, aux_warmup=100, train_steps=800, batch=256, grad_reps=40, eval_n=1000,
-             aux_steps=4, student_steps=1, lr=1e-3, ode_step=0.05, grad_after_training=0)
+             aux_steps=4, student_steps=1, lr=1e-3, max_substep=0.05, grad_after_training=0)
 
 
 def fit_teacher(gmm, steps, batch, lr, gen, progress=True):
@@ -139,7 +139,7 @@ def run(cfg: dict, seed: int = 0, progress: bool = True) -> dict:
     teacher = ExactTeacher(gmm)
     fit = fit_teacher(gmm, cfg["fit_steps"], cfg["batch"], cfg["lr"], gen, progress)
     prepare = lambda x_like: (x_like, None)  # unconditional toy: the batch is just the sample shape
-    kw = dict(cfg_scale=1.0, ode_step=cfg["ode_step"], aux_steps=cfg["aux_steps"],
+    kw = dict(cfg_scale=1.0, max_substep=cfg["max_substep"], aux_steps=cfg["aux_steps"],
               student_steps=cfg["student_steps"])
     mfd = MeanFlowDistillation(teacher, copy.deepcopy(fit), copy.deepcopy(fit), prepare, **kw)
     train(mfd, cfg["aux_warmup"], cfg["lr"], cfg["batch"], only="aux", desc="aux warm-up", progress=progress)

@@ -1,7 +1,7 @@
 """The voxel grid, the Occ3D class table and the nuScenes-lidarseg → Occ3D mapping.
 
 Every other module takes these from here; nothing else defines a grid, a class list, a colour or
-the free id. See DESIGN.md, "Fixed conventions".
+the free id. See docs/design.md, "Fixed conventions".
 """
 from __future__ import annotations
 

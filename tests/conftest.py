@@ -17,3 +17,16 @@ def real_root() -> Path:
     if not SHARED_REAL.is_dir():
         pytest.skip(f"real nuScenes fragments not found at {SHARED_REAL}")
     return SHARED_REAL
+
+
+@pytest.fixture(scope="session")
+def stages(tmp_path_factory):
+    """VAE → teacher → MFD trained for 2 steps each on a tiny prepared set (tests/stage_fixtures.py)."""
+    from stage_fixtures import train_tiny_stages
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_tiny_stages(tmp_path_factory.mktemp("stages"))
+    finally:
+        torch.set_num_threads(n)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from occ_mfd.engine.builder import build
+from occ_mfd.builder import build
 from occ_mfd.engine.checkpoint import load_checkpoint
 from occ_mfd.engine.ema import EMA
 from occ_mfd.engine.loop import NonFiniteError, train

@@ -1,4 +1,4 @@
-"""tools/eval.py end to end (subprocess): a tiny checkpoint + baselines, and the clear errors."""
+"""tools/eval.py end to end (subprocess): tiny snapshots + baselines, and the clear errors."""
 import json
 import subprocess
 import sys
@@ -7,34 +7,58 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mmengine.config import Config
 
-from occ_mfd.engine.builder import build
-from occ_mfd.engine.checkpoint import config_text, save_checkpoint
+from occ_mfd.builder import build
+from occ_mfd.data.records import OccBatch
+from occ_mfd.data.sequences import OccSequenceDataset
+from occ_mfd.engine.checkpoint import save_checkpoint
+from occ_mfd.eval.baselines import CopyLast
+from occ_mfd.eval.forecasters import PipelineForecaster, load_forecaster, parse_model_spec
+from occ_mfd.eval.runner import run_eval
 from occ_mfd.grid import GridSpec
+from occ_mfd.models.snapshot import InferenceParts, save_snapshot, snapshot_from_parts
+from occ_mfd.objectives.flow_matching import OccFlowTeacher
+from occ_mfd.objectives.mfd import OccMeanFlowDistillation
 
 REPO = Path(__file__).resolve().parents[1]
 G = GridSpec((-2.0, -2.0, -0.4), (2.0, 2.0, 0.4), 0.4)   # 10 × 10 × 2
 
 
-def tiny_teacher_config() -> Config:
-    vae = dict(type="occ_mfd.models.vae.OccVAE", grid_z=2, channels=(8, 16), latent_channels=2, downsample=2,
-               sparse=False)
-    net = dict(type="occ_mfd.models.forecaster.OccForecaster", latent_channels=2, past=4, future=6,
-               base_channels=8, channel_mult=(1,), num_res_blocks=1, attn_levels=(), heads=1, mid_attn=False)
-    obj = dict(type="occ_mfd.flow.fm_objective.FlowMatchingObjective", net=net, cond_drop_prob=0.1,
-               prepare=dict(type="occ_mfd.models.world_model.make_prepare",
-                            codec=dict(type="occ_mfd.models.world_model.LatentCodec", vae=vae)))
-    return Config(dict(objective=obj, data=dict(pool=1, past=4, future=6)))
+VAE = dict(type="occ_mfd.models.vae.OccVAE", grid_z=2, channels=(8, 16), latent_channels=2, downsample=2,
+           sparse=False)
+NET = dict(past=4, future=6, base_channels=8, channel_mult=(1,), num_res_blocks=1, attn_levels=(), heads=1,
+           mid_attn=False)
+META = dict(data={"pool": 1, "past": 4, "future": 6}, git_rev="test")
 
 
-def save_tiny_checkpoint(work_dir: Path, grid: GridSpec = G) -> Path:
-    cfg = tiny_teacher_config()
+def tiny_teacher(randomise: bool = True, **sampler) -> OccFlowTeacher:
+    """A tiny OccFM teacher objective (random VAE, forecaster with randomised zero-init gates)."""
     torch.manual_seed(0)
-    objective = build(cfg.objective)
-    save_checkpoint({"step": 0, "objective": objective.state_dict(), "optimizers": {}, "ema": None,
-                     "config": config_text(cfg), "grid": grid.to_dict(), "git_rev": "test"}, work_dir)
-    return work_dir / "latest.pt"
+    vae_desc = snapshot_from_parts(InferenceParts("vae", {"vae": build(VAE)})).describe()
+    obj = OccFlowTeacher(net=NET, vae=vae_desc, latent_scale=1.0, cond_drop_prob=0.1, **sampler)
+    if randomise:
+        with torch.no_grad():   # adaLN-Zero gates and the output layer start at 0: the net would be v = 0
+            for p in obj.net.parameters():
+                if p.abs().max() == 0:
+                    p.normal_(0, 0.3)
+    return obj
+
+
+def save_tiny_snapshot(work_dir: Path, grid: GridSpec = G, objective=None) -> Path:
+    """The snapshot a training stage of ``objective`` (default: a tiny teacher) would write."""
+    objective = objective if objective is not None else tiny_teacher()
+    snap = snapshot_from_parts(objective.inference_parts(), grid=grid.to_dict(), **META)
+    return save_snapshot(snap, work_dir / "snapshot.pt")
+
+
+def save_tiny_student(work_dir: Path, s_neq_t_ratio: float = 1.0) -> Path:
+    """A one-step student of the tiny teacher whose weights differ from the teacher's."""
+    teacher_snap = save_tiny_snapshot(work_dir / "teacher")
+    obj = OccMeanFlowDistillation(teacher_snapshot=str(teacher_snap), max_substep=0.25, s_neq_t_ratio=s_neq_t_ratio)
+    with torch.no_grad():
+        for p in obj.student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return save_tiny_snapshot(work_dir, objective=obj)
 
 
 def run_cli(*args):
@@ -49,15 +73,10 @@ def setup(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("cli")
     data = make_dataset(tmp / "data", static=False, n_frames=11)
-    return tmp, data, save_tiny_checkpoint(tmp / "ckpt")
+    return tmp, data, save_tiny_snapshot(tmp / "teacher")
 
 
 def test_cli_models_and_baselines_match_library(setup):
-    from occ_mfd.data.sequences import OccSequenceDataset
-    from occ_mfd.eval.baselines import CopyLast
-    from occ_mfd.eval.forecasters import PipelineForecaster, load_forecaster
-    from occ_mfd.eval.runner import run_eval
-
     tmp, data, ckpt = setup
     out = tmp / "r.json"
     r = run_cli("--data", data, "--model", f"{ckpt}:steps=2", "--model", f"fast={ckpt}:steps=1,cfg=1",
@@ -84,40 +103,20 @@ def test_cli_errors(setup, tmp_path):
     assert r.returncode == 2 and "nope.pt does not exist" in r.stderr
     r = run_cli("--data", tmp / "nodata", "--baseline", "copy-last")
     assert r.returncode == 2 and "nodata" in r.stderr and "index.json" in r.stderr
-    other = save_tiny_checkpoint(tmp_path / "other", GridSpec((-4.0, -4.0, -0.4), (4.0, 4.0, 0.4), 0.8))
+    other = save_tiny_snapshot(tmp_path / "other", GridSpec((-4.0, -4.0, -0.4), (4.0, 4.0, 0.4), 0.8))
     r = run_cli("--data", data, "--model", other)
     assert r.returncode == 2 and "grid mismatch" in r.stderr
     assert str(other) in r.stderr and str(data) in r.stderr and "0.8" in r.stderr
 
 
-def save_tiny_student(work_dir: Path, r_not_equal_t_ratio: float = 1.0) -> Path:
-    t = tiny_teacher_config().objective
-    net = t.net.to_dict() if hasattr(t.net, "to_dict") else dict(t.net)
-    obj = dict(type="occ_mfd.distill.mfd.MeanFlowDistillation", teacher=net, student=net, aux=net,
-               prepare=t.prepare, cfg_scale=2.0, ode_step=0.25, r_not_equal_t_ratio=r_not_equal_t_ratio)
-    cfg = Config(dict(objective=obj, data=dict(pool=1, past=4, future=6)))
-    torch.manual_seed(1)
-    objective = build(cfg.objective)
-    with torch.no_grad():   # zero-initialised gates would make the student the identity jump: randomise
-        for p in objective.student.parameters():
-            if p.abs().max() == 0:
-                p.normal_(0, 0.3)
-    save_checkpoint({"step": 0, "objective": objective.state_dict(), "optimizers": {}, "ema": None,
-                     "config": config_text(cfg), "grid": G.to_dict(), "git_rev": "test"}, work_dir)
-    return work_dir / "latest.pt"
-
-
-def test_student_checkpoint_is_one_step_generator(tmp_path):
-    from occ_mfd.data.records import OccBatch
-    from occ_mfd.engine.checkpoint import build_objective_from_checkpoint
-    from occ_mfd.eval.forecasters import load_forecaster
-
-    ckpt = save_tiny_student(tmp_path / "s")
-    pipe, info = load_forecaster(ckpt)
+def test_student_snapshot_is_one_step_generator(tmp_path):
+    path = save_tiny_student(tmp_path / "s")
+    pipe, info = load_forecaster(path)
     assert (info.kind, info.steps, info.shift, info.cfg_scale) == ("student", 1, 1.0, 1.0)
     assert load_forecaster(save_tiny_student(tmp_path / "v", 0.0))[1].kind == "vsd"
     # The pipeline at 1 step = the objective's own generator G(x0, c) = x0 + student(x0, 0, c), decoded.
-    obj = build_objective_from_checkpoint(ckpt)
+    obj = OccMeanFlowDistillation(teacher_snapshot=str(tmp_path / "s/teacher"))
+    obj.student.load_state_dict(pipe.net.state_dict())
     g = torch.Generator().manual_seed(0)
     occ = torch.where(torch.rand(1, 10, 10, 10, 2, generator=g) < 0.6, 17,
                       torch.randint(0, 17, (1, 10, 10, 10, 2), generator=g))
@@ -127,13 +126,12 @@ def test_student_checkpoint_is_one_step_generator(tmp_path):
     x0 = torch.randn(out.latents.shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = obj.generate(x0, cond)
+        teacher_jump = x0 + obj.teacher(x0, torch.zeros(1), cond)
     assert out.nfe == 1 and torch.allclose(out.latents, ref, atol=1e-5)
-    assert not torch.allclose(ref, x0, atol=1e-3)
+    assert not torch.allclose(ref, teacher_jump, atol=1e-3)           # the student's weights, not the teacher's
 
 
 def test_parse_model_spec():
-    from occ_mfd.eval.forecasters import parse_model_spec
-
     s = parse_model_spec("t10=runs/a/latest.pt:steps=10,cfg=1.5")
     assert (s.name, s.path, s.steps, s.cfg_scale) == ("t10", "runs/a/latest.pt", 10, 1.5)
     s = parse_model_spec("runs/a.pt")
@@ -144,19 +142,13 @@ def test_parse_model_spec():
             parse_model_spec(bad)
 
 
-def test_objective_pipeline_is_preferred(tmp_path):
-    """An objective with pipeline() (OccFlowTeacher) is asked for its sampler; no attribute fallback."""
-    from occ_mfd.eval.forecasters import load_forecaster
-
-    vae = dict(type="occ_mfd.models.vae.OccVAE", grid_z=2, channels=(8, 16), latent_channels=2, downsample=2,
-               sparse=False)
-    obj = dict(type="occ_mfd.models.teacher.OccFlowTeacher", vae=vae, steps=7, shift=2.0, cfg_scale=1.5,
-               net=dict(past=4, future=6, base_channels=8, channel_mult=(1,), num_res_blocks=1, attn_levels=(),
-                        heads=1, mid_attn=False))
-    cfg = Config(dict(objective=obj, data=dict(pool=1, past=4, future=6)))
-    objective = build(cfg.objective)
-    save_checkpoint({"step": 0, "objective": objective.state_dict(), "optimizers": {}, "ema": None,
-                     "config": config_text(cfg), "grid": G.to_dict(), "git_rev": "test"}, tmp_path)
-    pipe, info = load_forecaster(tmp_path / "latest.pt")
-    assert (info.via, info.kind, info.steps, info.shift, info.cfg_scale) == ("pipeline()", "teacher", 7, 2.0, 1.5)
-    assert torch.equal(pipe.net.stem.weight, objective.net.stem.weight)
+def test_snapshot_sampler_and_training_checkpoint_error(setup, tmp_path):
+    """The teacher's sampler settings travel in its snapshot; a training checkpoint is refused with the path of
+    the snapshot to use instead."""
+    teacher = tiny_teacher(steps=7, shift=2.0, cfg_scale=1.5)
+    pipe, info = load_forecaster(save_tiny_snapshot(tmp_path, objective=teacher))
+    assert (info.kind, info.steps, info.shift, info.cfg_scale) == ("teacher", 7, 2.0, 1.5)
+    assert torch.equal(pipe.net.stem.weight, teacher.net.stem.weight)
+    save_checkpoint({"step": 0, "objective": teacher.state_dict(), "config": ""}, tmp_path / "run")
+    r = run_cli("--data", setup[1], "--model", tmp_path / "run/latest.pt")
+    assert r.returncode == 2 and "training checkpoint" in r.stderr and str(tmp_path / "run/snapshot.pt") in r.stderr

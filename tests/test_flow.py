@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from occ_mfd.flow.fm_objective import FlowMatchingObjective, flow_matching_loss
+from occ_mfd.objectives.flow_matching import FlowMatchingObjective, flow_matching_loss
 from occ_mfd.flow.guidance import guided, repeat_batch
 from occ_mfd.flow.path import LinearPath
 from occ_mfd.flow.solver import euler_integrate, euler_mean_velocity

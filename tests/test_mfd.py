@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from occ_mfd.distill.grad_stats import GradientVarianceMeter
-from occ_mfd.distill.mfd import MeanFlowDistillation, variational_score_distillation
+from occ_mfd.objectives.grad_stats import GradientVarianceMeter
+from occ_mfd.objectives.mfd import MeanFlowDistillation, variational_score_distillation
 
 torch.set_num_threads(1)
 D = 3
@@ -54,7 +54,7 @@ def test_teacher_frozen_and_groups():
 
 def test_student_gradient_closed_form_and_sign():
     a, b = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.0, 1.0, 3.0])
-    obj = make(a, b, ode_step=0.01)
+    obj = make(a, b, max_substep=0.01)
     B = 64
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(B, D, generator=g, dtype=torch.float64)
@@ -75,7 +75,7 @@ def test_student_gradient_closed_form_and_sign():
 @pytest.mark.parametrize("ratio", [1.0, 0.0])
 def test_one_sgd_step_moves_student_toward_teacher(ratio):
     a, b = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.0, 1.0, 3.0])
-    obj = make(a, b, ode_step=0.02, r_not_equal_t_ratio=ratio)
+    obj = make(a, b, max_substep=0.02, s_neq_t_ratio=ratio)
     torch.manual_seed(0)
     out = obj(torch.zeros(128, D, dtype=torch.float64), "student")
     out.loss.backward()
@@ -89,21 +89,21 @@ def test_one_sgd_step_moves_student_toward_teacher(ratio):
 def test_vsd_factory_is_s_equals_t():
     vsd = variational_score_distillation(PointMassFlow([0.0] * D), PointMassFlow([1.0] * D, True),
                                          PointMassFlow([1.0] * D), lambda b: (b, None))
-    assert vsd.r_not_equal_t_ratio == 0.0
+    assert vsd.s_neq_t_ratio == 0.0
     s, t = vsd.sample_interval(1000, "cpu", torch.float64)
     assert torch.equal(s, t)
     # t = max of two uniforms: density 2t, mean 2/3
     assert abs(float(t.mean()) - 2 / 3) < 0.03
-    mfd = make([0.0] * D, [1.0] * D, r_not_equal_t_ratio=0.75)
+    mfd = make([0.0] * D, [1.0] * D, s_neq_t_ratio=0.75)
     s, t = mfd.sample_interval(20000, "cpu", torch.float64)
     assert (s <= t).all() and abs(float((s < t).double().mean()) - 0.75) < 0.02
     with pytest.raises(ValueError):
         variational_score_distillation(vsd.teacher, vsd.student, vsd.aux, lambda b: (b, None),
-                                       r_not_equal_t_ratio=0.5)
+                                       s_neq_t_ratio=0.5)
 
 
 def test_cfg_teacher_one_batch_and_nfe():
-    obj = make([0.0] * D, [1.0] * D, cfg_scale=2.0, ode_step=0.1)
+    obj = make([0.0] * D, [1.0] * D, cfg_scale=2.0, max_substep=0.1)
     x = torch.zeros(8, D, dtype=torch.float64)
     s = torch.full((8,), 0.2, dtype=torch.float64)
     t = s + torch.linspace(0.0, 0.5, 8, dtype=torch.float64)

@@ -1,15 +1,19 @@
 """The prepare job end to end on a tiny synthetic world: quality vs truth, resume, shards, bad input."""
+import multiprocessing as mp
+import os
 import shutil
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
+from occ_mfd.data import prepare
 from occ_mfd.data.index import load_index
 from occ_mfd.data.nuscenes import NuScenesSource
 from occ_mfd.data.occ3d import labels_path, read_labels
 from occ_mfd.data.occ3d_import import verify_dataset
 from occ_mfd.data.occupancy.quality import compare_to_truth
-from occ_mfd.data.prepare import GRID_PRESETS, PrepareConfig, run_prepare, shard_scenes
+from occ_mfd.data.prepare import GRID_PRESETS, PrepareConfig, SceneResult, run_prepare, shard_scenes
 from occ_mfd.grid import category_to_occ3d
 
 V = "v1.0-synth"
@@ -141,3 +145,44 @@ def test_cli_occ3d_source_and_verify(world, tmp_path, capsys):
     assert verify_dataset(out, progress=False).num_checked == 20
     assert cli.main(["verify", str(tmp_path / "nothing")]) == 2
     assert "index.json not found" in capsys.readouterr().err
+
+
+def test_parallel_run_matches_serial(world, src, tmp_path):
+    """workers=2 (worker processes) writes the same files and index as workers=1 (this process)."""
+    cfg = PrepareConfig(grid=GRID_PRESETS["occ3d-0.8"], use_sweeps=False)
+    serial, par = tmp_path / "serial", tmp_path / "par"
+    run_prepare(world, V, serial, cfg, workers=1, progress=False, src=src)
+    r = run_prepare(world, V, par, cfg, workers=2, progress=False, src=src)
+    assert r["scenes"] == 2 and r["written"] == 20 and r["bad"] == 0
+    assert load_index(par).to_dict() == load_index(serial).to_dict()
+    files = lambda root: sorted(p.relative_to(root) for p in root.rglob("labels.npz"))
+    assert files(par) == files(serial) and len(files(par)) == 20
+    assert all((par / f).read_bytes() == (serial / f).read_bytes() for f in files(par))
+
+
+def _report_worker(src, name, out, cfg, skip_bad=False, max_frames=None):
+    """Stand-in for prepare_scene in forked workers: reports, as its one 'bad' message, the worker's
+    dataroot, its OMP_NUM_THREADS and the largest thread pool of any numeric library it has loaded."""
+    most = max(d["num_threads"] for d in threadpool_info())
+    return SceneResult(name, None, bad=[f"{src.dataroot}|{os.environ.get('OMP_NUM_THREADS')}|{most}"])
+
+
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="the stand-in reaches workers by fork")
+def test_parallel_calls_use_their_own_source_and_thread_limits(world, tmp_path, monkeypatch):
+    """Two parallel runs in one process: each one's workers see that call's dataroot (nothing kept from
+    the first call) and run single-threaded (OMP_NUM_THREADS=1, every loaded thread pool at 1 thread);
+    the parent's environment is left as it was, and a user's OMP_NUM_THREADS is honoured."""
+    other = tmp_path / "other"                 # a second dataroot: same tables, another path
+    shutil.copytree(world / V, other / V)
+    for sub in world.iterdir():
+        if sub.name != V:
+            (other / sub.name).symlink_to(sub)
+    monkeypatch.setattr(prepare, "prepare_scene", _report_worker)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for root in (world, other):
+        res = run_prepare(root, V, tmp_path / "o", SMALL, workers=2, progress=False, skip_bad=True)
+        assert res["scenes"] == 2 and res["bad_messages"] == [f"{root}|1|1"] * 2
+        assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    res = run_prepare(other, V, tmp_path / "o", SMALL, workers=2, progress=False, skip_bad=True)
+    assert res["bad_messages"] == [f"{other}|2|2"] * 2 and os.environ["OMP_NUM_THREADS"] == "2"

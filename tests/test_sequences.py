@@ -7,7 +7,6 @@ import pytest
 from occ_mfd.data.index import DatasetIndex, FrameEntry, SceneEntry, save_index
 from occ_mfd.data.occ3d import OccFrame, labels_path, write_labels
 from occ_mfd.data.pool import pool_mask, pool_semantics
-from occ_mfd.data.records import collate_sequences
 from occ_mfd.data.sequences import OccSequenceDataset, relative_poses
 from occ_mfd.grid import GridSpec
 
@@ -118,24 +117,3 @@ def test_pool_and_lidar_mask(root):
     assert OccSequenceDataset(root, "val", mask=None)[0].mask_future is None
     with pytest.raises(ValueError, match="not divisible by pool=3"):
         OccSequenceDataset(root, "val", pool=3)
-
-
-class DictCache:
-    def __init__(self, d):
-        self.d = d
-
-    def get(self, scene, token):
-        return self.d.get((scene, token))
-
-
-def test_latent_cache_hook_and_collate(root):
-    toks = [f"scene-c-{k}" for k in range(10)]
-    cache = DictCache({("scene-c", t): np.full((2, 3, 3), k, np.float32) for k, t in enumerate(toks)})
-    seq = OccSequenceDataset(root, "val", latent_cache=cache)[0]
-    assert seq.latents_past.shape == (4, 2, 3, 3) and seq.latents_future.shape == (6, 2, 3, 3)
-    np.testing.assert_array_equal(seq.latents_future[:, 0, 0, 0], np.arange(4, 10))
-    del cache.d[("scene-c", toks[5])]  # one frame uncached → no latents at all
-    partial = OccSequenceDataset(root, "val", latent_cache=cache)[0]
-    assert partial.latents_past is None and partial.latents_future is None
-    batch = collate_sequences([seq, seq])
-    assert tuple(batch.past.shape) == (2, 4, 20, 20, 4) and tuple(batch.latents_future.shape) == (2, 6, 2, 3, 3)

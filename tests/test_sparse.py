@@ -1,7 +1,6 @@
 """spconv first stage vs its dense conv3d equivalent: same parameters → same function and gradients."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from occ_mfd.models.sparse import OccupiedStem3d, resolve_sparse, spconv_available
 from occ_mfd.models.vae import OccVAE
@@ -99,3 +98,27 @@ def test_spconv_no_grad_path_matches_and_restores_threads():
     with torch.no_grad():
         assert torch.allclose(a(feats, occ), b(feats, occ), atol=1e-5)
     assert torch.get_num_threads() == n
+
+
+def test_single_thread_guard_is_local_to_the_calling_thread():
+    """spconv's CPU calls run with one OpenMP thread in the calling thread only: a thread started meanwhile
+    keeps torch's thread count (torch.set_num_threads would have changed it for the whole process), and
+    the caller's count comes back even when the body raises."""
+    import threading
+
+    from occ_mfd.models.sparse import _single_thread_on_cpu
+
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        with pytest.raises(RuntimeError, match="inside"), _single_thread_on_cpu(torch.device("cpu")):
+            seen.append(torch.get_num_threads())
+            t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+            t.start()
+            t.join()
+            raise RuntimeError("inside")
+        assert seen == [1, 2]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n0)

@@ -384,7 +384,7 @@ def test_simulated_scene_through_devkit(tmp_path):
     assert len(nusc.sample) == 10 and len(nusc.sample_data) == len(sim.sweeps)
     n_in = n_agent = 0
     count_err = []
-    for k, sample in enumerate(sorted(nusc.sample, key=lambda s: s["timestamp"])):
+    for sample in sorted(nusc.sample, key=lambda s: s["timestamp"]):
         sd_tok = sample["data"]["LIDAR_TOP"]
         path, boxes, _ = nusc.get_sample_data(sd_tok)
         pts = LidarPointCloud.from_file(path).points[:3].astype(np.float64)

@@ -7,7 +7,8 @@ import torch
 from occ_mfd.data.records import OccBatch
 from occ_mfd.models.vae import LatentDist, OccVAE
 from occ_mfd.models.vae_loss import VAELoss
-from occ_mfd.models.vae_objective import VAEObjective, batch_iou_miou
+from occ_mfd.objectives.vae import VAEObjective
+from occ_mfd.scores import confusion_matrix, iou_from_confusion
 
 
 def test_height_embedding_is_fixed_sincos():
@@ -51,9 +52,14 @@ def test_bad_shapes_raise():
         vae.encode(torch.zeros(1, 8, 8, 5, dtype=torch.long))
 
 
+def batch_iou_miou(pred, target):
+    iou, _, miou = iou_from_confusion(confusion_matrix(pred, target))
+    return iou / 100, miou / 100
+
+
 def test_batch_iou_miou_hand_case():
-    t = torch.tensor([0, 0, 1, 17, 17])
-    p = torch.tensor([0, 1, 1, 17, 0])
+    t = torch.tensor([0, 0, 1, 17, 17, 255])
+    p = torch.tensor([0, 1, 1, 17, 0, 3])              # the last voxel is ignored (target 255)
     iou, miou = batch_iou_miou(p, t)
     assert iou == pytest.approx(3 / 4)                 # occupied: pred {0,1,2,4}, gt {0,1,2}
     assert miou == pytest.approx((1 / 3 + 1 / 2) / 2)  # class 0: 1/3 ; class 1: 1/2
@@ -108,6 +114,7 @@ def test_vae_objective_flattens_frames_and_logs():
     out = VAEObjective(vae)(batch)
     assert seen == [B * (P + Fn)]
     assert set(out.logs) >= {"ce", "lovasz", "kl", "recon_iou", "recon_miou"}
+    assert 0.0 <= out.logs["recon_iou"] <= 1.0 and 0.0 <= out.logs["recon_miou"] <= 1.0   # fractions
     assert out.loss.item() == pytest.approx(10 * out.logs["ce"].item() + out.logs["lovasz"].item()
                                             + 1e-3 * out.logs["kl"].item(), rel=1e-5)
     assert VAEObjective(vae).ema_modules()["vae"] is vae

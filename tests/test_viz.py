@@ -1,4 +1,5 @@
 """Viewer geometry (exact), headless renders (class colours where expected), forecast dumps, the CLI."""
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from occ_mfd.viz import geometry as geo
 from occ_mfd.viz.backends import BEVRenderer, Open3DRenderer, RendererUnavailable
 from occ_mfd.viz.forecast_io import ForecastRecord, load_forecast, save_forecast
 from occ_mfd.viz.render import render_sequence, save_animation
-from occ_mfd.viz.viewer import ViewerState
+from occ_mfd.viz.viewer import KEY_RIGHT, KEY_SPACE, ViewerState, key_callbacks
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = GridSpec((-20.0, -20.0, -1.0), (20.0, 20.0, 5.4), 0.8)     # 50 × 50 × 8
@@ -113,6 +114,22 @@ def test_bev_fallback_render_colours_in_place():
     _check_regions(img)
 
 
+def test_bev_fallback_ego_rectangle_is_the_body_box():
+    """The black ego marker covers the body box, 1.3 m ahead of the rear axle: x ∈ [-0.74, 3.34] m,
+    |y| ≤ 0.865 m (to the voxel), on a 2 cm grid whose voxel edges fall on the x bounds."""
+    g = GridSpec((-8.0, -8.0, -1.0), (8.0, 8.0, -0.96), 0.02)         # 800 × 800 × 2
+    X, Y, _ = g.shape
+    img = BEVRenderer(Y, X).render(np.full(g.shape, FREE_ID, np.uint8), g, "bev")   # one pixel per voxel
+    assert img.shape == (X, Y, 3)
+    rows, cols = np.nonzero((img == 0).all(axis=2))
+    assert len(rows) == (np.ptp(rows) + 1) * (np.ptp(cols) + 1)        # one filled rectangle
+    # row r shows voxel X-1-r (x up), column c voxel Y-1-c (y left); voxel i spans lo + [i, i+1] * 0.02 m
+    x_lo, x_hi = g.lo[0] + (X - 1 - rows.max()) * 0.02, g.lo[0] + (X - rows.min()) * 0.02
+    y_lo, y_hi = g.lo[1] + (Y - 1 - cols.max()) * 0.02, g.lo[1] + (Y - cols.min()) * 0.02
+    assert x_lo == pytest.approx(-0.74, abs=1e-9) and x_hi == pytest.approx(3.34, abs=1e-9)
+    assert abs(y_lo + 0.865) <= 0.01 and abs(y_hi - 0.865) <= 0.01
+
+
 def test_open3d_offscreen_render_colours_in_place():
     try:
         r = Open3DRenderer(240, 240)
@@ -166,6 +183,33 @@ def test_render_sequence_and_animation_files(tmp_path):
             save_animation(frames, tmp_path / "s.mp4")
 
 
+def test_render_sequence_pixels_match_pyplot(monkeypatch):
+    """The standalone Figure on an Agg canvas (no pyplot) gives the same pixels as a pyplot figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from occ_mfd.viz import render
+    r = _record()
+    frames = render_sequence(r, BEVRenderer(160, 120), progress=False)
+    made = []
+
+    def pyplot_figure(figsize, dpi):
+        made.append(plt.figure(figsize=figsize, dpi=dpi))
+        assert isinstance(made[-1].canvas, FigureCanvasAgg)      # Agg, or a GUI canvas drawing with Agg
+        return made[-1]
+
+    monkeypatch.setattr(render, "_figure", pyplot_figure)
+    try:
+        ref = render_sequence(r, BEVRenderer(160, 120), progress=False)
+    finally:
+        for f in made:
+            plt.close(f)
+    assert len(made) == len(ref) == len(frames) == 4
+    for a, b in zip(frames, ref):
+        np.testing.assert_array_equal(a, b)
+    assert len({f.tobytes() for f in frames}) > 1                 # the frames differ (time labels, panels)
+
+
 def test_viewer_state():
     st = ViewerState(_record(P=2, F=2))
     assert st.classes_present == [4]
@@ -181,6 +225,30 @@ def test_viewer_state():
     assert st.class_filter is None
     st.toggle_camera()
     assert st.camera == "bev"
+
+
+def test_viewer_key_callbacks_log_messages(caplog, tmp_path):
+    """The window's key callbacks, without a window: state, drawing hooks and the logged lines."""
+    st = ViewerState(_record(P=2, F=2))
+    drawn, shots = [], []
+    keys = key_callbacks(st, drawn.append, shots.append, tmp_path)
+    with caplog.at_level(logging.INFO, logger="occ_mfd.viz.viewer"):
+        assert keys[KEY_RIGHT](None) is True              # t = 1: the current frame
+        keys[ord("3")](None)                              # prediction: none during the history
+        keys[KEY_RIGHT](None)                             # t = 2: first future frame
+        keys[ord("C")](None)                              # class filter: car
+        assert keys[KEY_SPACE](None) is False and st.playing
+        keys[KEY_SPACE](None)
+        keys[ord("S")](None)
+        keys[ord("B")](None)                              # camera change: redraw resets the camera
+        keys[ord("H")](None)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "occ_mfd.viz.viewer"]
+    shot = tmp_path / "occ_view_000.png"
+    assert msgs[:8] == ["past t=+0.0s", "pred: nothing at t=+0.0s (history)", "pred t=+0.5s",
+                        "pred t=+0.5s [car]", "playing", "paused", f"saved {shot}", "pred t=+0.5s [car]"]
+    assert len(msgs) == 9 and msgs[8].startswith("Keys:") and "\nclasses: car=(" in msgs[8]
+    assert "\nerror view: correct=(" in msgs[8]
+    assert drawn == [False, False, False, False, True] and shots == [shot] and st.camera == "bev"
 
 
 def _cli(*args):

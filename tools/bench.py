@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Speed of the teacher at N steps and the one-step student, side by side in one process on the same inputs.
 
-    python tools/bench.py --teacher runs/teacher/latest.pt --student runs/student/latest.pt \
+    python tools/bench.py --teacher runs/teacher/snapshot.pt --student runs/student/snapshot.pt \
         --steps 1 2 4 10 --runs 50 --warmup 10 --device cuda --bf16 --compile --cfg-two-pass --out bench.json
 
-Protocol (DESIGN.md): batch 1, warm-up ≥ 10, ≥ 50 timed runs, device synchronisation around every stage, median
-and p90, end to end (encode + sample + decode + argmax) and per stage. Speed-ups are ratios against teacher@10
-(or the largest --steps). The floor is one unguided network evaluation + decode + argmax.
-Training steps (one AdamW update, prepare/encode included): teacher FM step, MFD aux step, MFD student step.
+Protocol (docs/design.md): batch 1, warm-up ≥ 10, ≥ 50 timed runs, device synchronisation around every stage,
+median and p90, end to end (encode + sample + decode + argmax) and per stage; the stages are the very methods
+tools/eval.py's forecasts run. Speed-ups are ratios against teacher@10 (or the largest --steps). The floor is
+one unguided network evaluation + decode + argmax.
+Training steps (one AdamW update, prepare/encode included): teacher FM step, MFD aux step, MFD student step, on
+objectives rebuilt from the configs stored in the snapshots (their weights do not change the time).
 """
 from __future__ import annotations
 
@@ -18,19 +20,23 @@ import sys
 from pathlib import Path
 
 import torch
+from mmengine.config import Config
 
 from occ_mfd.atomic import atomic_write
+from occ_mfd.builder import build
 from occ_mfd.data.records import OccBatch, collate_sequences
+from occ_mfd.data.sequences import OccSequenceDataset
 from occ_mfd.eval.forecasters import load_forecaster
 from occ_mfd.eval.speed import floor_stages, measure, pipeline_stages, runtime_info, speedups, \
     time_training_step, to_channels_last
 from occ_mfd.grid import FREE_ID
+from occ_mfd.models.snapshot import load_snapshot
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="teacher (flow-matching) checkpoint")
-    p.add_argument("--student", help="student (MFD) checkpoint; without it only the teacher is timed")
+    p.add_argument("--teacher", required=True, help="teacher snapshot (or the teacher stage's work dir)")
+    p.add_argument("--student", help="student (MFD) snapshot; without it only the teacher is timed")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 10])
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
@@ -53,7 +59,6 @@ def parse_args(argv=None):
 def make_batch(args, info, device) -> OccBatch:
     """One sequence (batch 1): the first of --data, else a synthetic scene (ground plane + random boxes)."""
     if args.data:
-        from occ_mfd.data.sequences import OccSequenceDataset
         ds = OccSequenceDataset(args.data, args.split, past=info.past, future=info.future, pool=info.pool, mask=None)
         return collate_sequences([ds[0]]).to(device)
     if info.grid is None:
@@ -72,9 +77,11 @@ def make_batch(args, info, device) -> OccBatch:
 
 
 def variant(pipeline, option: str, device):
-    """A copy of the pipeline with its network changed by ``option`` (compile / channels-last)."""
+    """A copy of the pipeline changed by ``option`` (compile / channels-last / cfg-two-pass)."""
     p = copy.deepcopy(pipeline)
-    if option == "channels-last":
+    if option == "cfg-two-pass":
+        p.fused_cfg = False
+    elif option == "channels-last":
         to_channels_last(p.net)
         to_channels_last(p.codec)
     elif option == "compile":
@@ -112,8 +119,9 @@ def main(argv=None) -> int:
     floor_net = student if student is not None else teacher
     rows.append(measure("floor", 1, 1, floor_stages(floor_net, batch), batch, **kw))
     if args.cfg_two_pass and teacher.cfg_scale != 1.0:
-        rows.append(measure(f"{ref}+cfg-two-pass", ref_n, ref_n, pipeline_stages(teacher, ref_n, fused_cfg=False),
-                            batch, options=["cfg-two-pass"], **kw))
+        rows.append(measure(f"{ref}+cfg-two-pass", ref_n, ref_n,
+                            pipeline_stages(variant(teacher, "cfg-two-pass", device), ref_n), batch,
+                            options=["cfg-two-pass"], **kw))
     for opt in [o for o, on in (("compile", args.compile), ("channels-last", args.channels_last)) if on]:
         for name, pipe, n in forecasters:
             rows.append(measure(f"{name}@{n}+{opt}", n, n, pipeline_stages(variant(pipe, opt, device), n), batch,
@@ -144,18 +152,21 @@ def main(argv=None) -> int:
     return 0
 
 
-def training_steps(args, batch, device) -> dict:
-    from occ_mfd.engine.checkpoint import build_objective_from_checkpoint
+def training_objective(snapshot_path, device):
+    """The stage's training objective rebuilt from the config its snapshot stores (earlier stages inline)."""
+    return build(Config.fromstring(load_snapshot(snapshot_path).config, ".py").objective).to(device)
 
+
+def training_steps(args, batch, device) -> dict:
     big = OccBatch(past=batch.past.repeat(args.train_batch_size, 1, 1, 1, 1),
                    future=batch.future.repeat(args.train_batch_size, 1, 1, 1, 1),
                    ego=batch.ego.repeat(args.train_batch_size, 1, 1, 1))
     kw = dict(runs=args.train_runs, warmup=args.train_warmup, device=device)
     out = {"batch_size": args.train_batch_size}
-    teacher = build_objective_from_checkpoint(args.teacher, use_ema=False).to(device)
+    teacher = training_objective(args.teacher, device)
     out["teacher_fm"] = {**time_training_step(teacher, big, teacher.phase(0), **kw), "nfe": 1}
     if args.student:
-        mfd = build_objective_from_checkpoint(args.student, use_ema=False).to(device)
+        mfd = training_objective(args.student, device)
         out["mfd_aux"] = {**time_training_step(mfd, big, "aux", **kw), "nfe": 2}   # student fwd + aux fwd/bwd
         out["mfd_student"] = time_training_step(mfd, big, "student", **kw)
     return out

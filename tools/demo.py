@@ -69,27 +69,27 @@ def main() -> None:
     run("prepare", [PY, "tools/prepare_data.py", "--dataroot", world, "--version", "v1.0-synth",
                     "--out", occ, "--workers", 2], occ / "index.json", timings)
 
-    ckpt = {name: w / name / "latest.pt" for name in ("vae", "teacher", "mfd")}
+    snap = {name: w / name / "snapshot.pt" for name in ("vae", "teacher", "mfd")}
     common = [f"data.root={occ}"]
     run("vae", [PY, "tools/train.py", "configs/tiny/vae.py", "--work-dir", w / "vae",
                 "--max-steps", size["vae_steps"], "--cfg-options", *common], None, timings)
     run("teacher", [PY, "tools/train.py", "configs/tiny/occfm.py", "--work-dir", w / "teacher",
                     "--max-steps", size["teacher_steps"], "--cfg-options", *common,
-                    f"objective.vae_ckpt={ckpt['vae']}"], None, timings)
+                    f"objective.vae_snapshot={snap['vae']}"], None, timings)
     run("mfd", [PY, "tools/train.py", "configs/tiny/mfd.py", "--work-dir", w / "mfd",
                 "--max-steps", size["mfd_steps"], "--cfg-options", *common,
-                f"objective.teacher_ckpt={ckpt['teacher']}"], None, timings)
+                f"objective.teacher_snapshot={snap['teacher']}"], None, timings)
 
     results, bench, gif = w / "results.json", w / "bench.json", w / "forecast.gif"
     eval_cmd = [PY, "tools/eval.py", "--data", occ, "--split", "val",
-                "--model", f"teacher={ckpt['teacher']}:steps=10", "--model", f"teacher={ckpt['teacher']}:steps=1",
-                "--model", f"student={ckpt['mfd']}:steps=1", "--baseline", "copy-last", "--baseline", "warp-last", "--recon",
+                "--model", f"teacher={snap['teacher']}:steps=10", "--model", f"teacher={snap['teacher']}:steps=1",
+                "--model", f"student={snap['mfd']}:steps=1", "--baseline", "copy-last", "--baseline", "warp-last", "--recon",
                 "--out", results, "--csv", w / "results.csv", "--dump-forecasts", w / "forecasts", "--dump-count", 2,
                 "--plot", w / "horizons.png"]
     if size["max_eval"]:
         eval_cmd += ["--max-sequences", size["max_eval"]]
     run("eval", eval_cmd, results, timings)
-    run("bench", [PY, "tools/bench.py", "--teacher", ckpt["teacher"], "--student", ckpt["mfd"],
+    run("bench", [PY, "tools/bench.py", "--teacher", snap["teacher"], "--student", snap["mfd"],
                   "--data", occ, "--split", "val", "--steps", 1, 10, "--runs", size["bench_runs"], "--warmup", size["bench_warmup"],
                   "--out", bench],
         bench, timings)
@@ -107,7 +107,7 @@ def main() -> None:
         for r in json.loads(results.read_text())["rows"]:
             print(f"{r['name']:<12}{r['steps']:>6}  {_pair(r['iou_mean_123'], r['miou_mean_123']):>30}  "
                   f"{_pair(r['iou_mean_all'], r['miou_mean_all']):>18}")
-    print(f"[demo] outputs in {w}: occ/ (prepared data), vae/ teacher/ mfd/ (checkpoints, TensorBoard), "
+    print(f"[demo] outputs in {w}: occ/ (prepared data), vae/ teacher/ mfd/ (checkpoints, snapshots, TensorBoard), "
           f"results.json, bench.json, forecast.gif")
 
 

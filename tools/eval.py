@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Evaluate forecasting checkpoints and baselines on a prepared dataset: one protocol header, one table.
+"""Evaluate forecasters (inference snapshots) and baselines on a prepared dataset: one protocol header, one table.
 
     python tools/eval.py --data data/synthetic --split val \
-        --model runs/teacher/latest.pt:steps=10 --model runs/teacher/latest.pt:steps=1 \
-        --model runs/student/latest.pt --baseline copy-last --baseline warp-last \
+        --model runs/teacher/snapshot.pt:steps=10 --model runs/teacher/snapshot.pt:steps=1 \
+        --model runs/student/snapshot.pt --baseline copy-last --baseline warp-last \
         --out results.json --csv results.csv --plot curves.png
 
-``--model [NAME=]CKPT[:steps=N][,cfg=S]`` may repeat; one checkpoint is loaded once whatever its step counts.
-Names default to the checkpoint's kind (teacher / student / vsd), suffixed @steps when needed to be unique.
+``--model [NAME=]SNAPSHOT[:steps=N][,cfg=S]`` may repeat (a stage's work dir stands for its snapshot.pt); one
+snapshot is loaded once whatever its step counts. Names default to the snapshot's kind (teacher / student /
+vsd), suffixed @steps when needed to be unique. Snapshots hold EMA weights.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="prepared dataset root (index.json + gts/)")
     p.add_argument("--split", default="val", help="index split to evaluate ('all' for every scene)")
-    p.add_argument("--model", action="append", default=[], help="[NAME=]CKPT[:steps=N][,cfg=S]; repeatable")
+    p.add_argument("--model", action="append", default=[], help="[NAME=]SNAPSHOT[:steps=N][,cfg=S]; repeatable")
     p.add_argument("--baseline", action="append", default=[], choices=sorted(BASELINES))
     p.add_argument("--recon", action="store_true",
                    help="add a 'vae-recon' row: the first model's VAE reconstructing the ground-truth future "
@@ -43,28 +44,25 @@ def parse_args(argv=None):
     p.add_argument("--mask", default="none", choices=["none", "lidar", "camera"])
     p.add_argument("--past", type=int, default=4)
     p.add_argument("--future", type=int, default=6)
-    p.add_argument("--pool", type=int, help="load-time pooling (default: the checkpoints' data.pool, else 1)")
+    p.add_argument("--pool", type=int, help="load-time pooling (default: the snapshots' data pool, else 1)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--no-ema", action="store_true", help="evaluate the live weights instead of the EMA")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     return p.parse_args(argv)
 
 
 def build_rows(args, device):
-    """→ (rows, model protocol dicts, pool). Each checkpoint path is loaded once."""
+    """→ (rows, model protocol dicts, pool). Each snapshot path is loaded once."""
     specs = [parse_model_spec(m) for m in args.model]
     loaded = {}
     for s in specs:
         if s.path not in loaded:
-            if not Path(s.path).is_file():
-                raise FileNotFoundError(f"checkpoint {s.path} does not exist")
-            loaded[s.path] = load_forecaster(s.path, use_ema=not args.no_ema, device=device)
+            loaded[s.path] = load_forecaster(s.path, device=device)
     pools = {info.pool for _, info in loaded.values()}
     if len(pools) > 1:
-        raise ValueError(f"the checkpoints were trained at different pooling factors {sorted(pools)}: "
+        raise ValueError(f"the snapshots were trained at different pooling factors {sorted(pools)}: "
                          + ", ".join(f"{p}: pool={i.pool}" for p, (_, i) in loaded.items()))
     pool = args.pool or (pools.pop() if pools else 1)
     planned = []
@@ -80,9 +78,9 @@ def build_rows(args, device):
             name += "'"
         row = PipelineForecaster(pipeline, name, steps, s.cfg_scale)
         rows.append(row)
-        models.append({"name": name, "checkpoint": info.path, "kind": info.kind, "steps": steps, "sampler": "euler",
-                       "shift": row.shift, "cfg_scale": row.effective_cfg, "ema": not args.no_ema,
-                       "pipeline_from": info.via, "git_rev": info.git_rev})
+        models.append({"name": name, "snapshot": info.path, "kind": info.kind, "steps": steps, "sampler": "euler",
+                       "shift": row.shift, "cfg_scale": row.effective_cfg, "ema": True,
+                       "trained_steps": info.step, "git_rev": info.git_rev})
     return rows, models, loaded, pool
 
 

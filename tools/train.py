@@ -4,6 +4,8 @@
     torchrun --nproc_per_node=K tools/train.py CONFIG ...      # DistributedDataParallel
 
 Running the same command again resumes from ``<work-dir>/latest.pt``; a finished run exits 0 at once.
+With every checkpoint the stage writes ``<work-dir>/snapshot.pt``, the inference snapshot that eval, bench,
+the viewer and the next stage load.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from mmengine.config import Config, DictAction
 
+from occ_mfd.engine.logging import log_to_stdout
 from occ_mfd.engine.loop import NonFiniteError, train
 
 
@@ -34,6 +37,7 @@ def main(argv=None) -> int:
         cfg.merge_from_dict(args.cfg_options)
     if args.max_steps is not None:
         cfg.merge_from_dict({"train.max_steps": args.max_steps})
+    log_to_stdout()
     work_dir = args.work_dir or str(Path("work_dirs") / Path(args.config).stem)
     try:
         train(cfg, work_dir, device=args.device, resume=not args.no_resume)

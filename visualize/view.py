@@ -14,13 +14,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from occ_mfd.engine.logging import log_to_stdout  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="prepared dataset root (index.json + gts/)")
     src.add_argument("--forecast", help="a forecast dump .npz from tools/eval.py --dump-forecasts")
-    p.add_argument("--model", help="checkpoint to run on the chosen --data sequence: CKPT[:steps=N][,cfg=S]")
+    p.add_argument("--model", help="inference snapshot to run on the chosen --data sequence: SNAPSHOT[:steps=N][,cfg=S]")
     p.add_argument("--device", default="cpu", help="device for --model (e.g. cuda)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for --model")
     p.add_argument("--scene", help="scene name (default: the first scene of the split)")
@@ -93,10 +95,11 @@ def run_model(model, seq, ds, args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    log_to_stdout()       # the library's messages (viewer keys and help, renderer notices) as plain lines
     for flag in ("forecast", "data", "model"):
         v = getattr(args, flag)
         if flag == "model" and v:
-            v = v.split(":")[0].split(",")[0].split("=")[-1]      # [NAME=]CKPT[:steps=N][,cfg=S]
+            v = v.split(":")[0].split(",")[0].split("=")[-1]      # [NAME=]SNAPSHOT[:steps=N][,cfg=S]
         if v and not Path(v).exists():
             print(f"error: --{flag} {v}: no such file or directory", file=sys.stderr)
             return 2

@@ -7,7 +7,7 @@ _base_ = ["../_base_/train_defaults.py"]
 data = dict(type="occ_mfd.data.sequences.OccSequenceDataset", root="data/occ", split="train",
             past=4, future=6, pool=1, mask=None, stride=1)
 objective = dict(
-    type="occ_mfd.models.vae_objective.VAEObjective",
+    type="occ_mfd.objectives.vae.VAEObjective",
     vae=dict(type="occ_mfd.models.vae.OccVAE", num_classes=18, grid_z=16, class_dim=8, height_dim=4,
              channels=(128, 256, 512), num_res_blocks=1, latent_channels=16, downsample=4, sparse="auto"),
     max_frames=None,

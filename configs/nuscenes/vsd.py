@@ -1,3 +1,3 @@
 # VSD / Diff-Instruct baseline at full scale: MFD with s = t.
 _base_ = ["./mfd.py"]
-objective = dict(r_not_equal_t_ratio=0.0)
+objective = dict(s_neq_t_ratio=0.0)

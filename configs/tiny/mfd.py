@@ -1,16 +1,16 @@
 # Tiny Mean Flow Distillation: one-step student of the tiny teacher (arXiv 2606.11155).
-#   python tools/train.py configs/tiny/mfd.py --cfg-options data.root=... objective.teacher_ckpt=.../latest.pt
+#   python tools/train.py configs/tiny/mfd.py --cfg-options data.root=... objective.teacher_snapshot=.../snapshot.pt
 _base_ = ["../_base_/train_defaults.py"]
 
 data = dict(type="occ_mfd.data.sequences.OccSequenceDataset", root="data/occ", split="train",
             past=4, future=6, pool=2, mask=None, stride=1)
 objective = dict(
-    type="occ_mfd.distill.occ_mfd.OccMeanFlowDistillation",
-    teacher_ckpt="work_dirs/occfm/latest.pt",
+    type="occ_mfd.objectives.mfd.OccMeanFlowDistillation",
+    teacher_snapshot="work_dirs/occfm/snapshot.pt",
     cfg_scale=None,           # the teacher's sampler CFG (2)
-    ode_step=0.02,            # h: Euler sub-step bound over [s, t] (paper Table 2: 0.005–0.02 best)
+    max_substep=0.02,         # the paper's h: Euler sub-step bound over [s, t] (Table 2: 0.005–0.02 best)
     aux_steps=9, student_steps=1,   # authors' code 9:1 (paper text: 10:1)
-    r_not_equal_t_ratio=1.0,  # 1: mean flows over s < t (MFD); 0: s = t (VSD), see vsd.py
+    s_neq_t_ratio=1.0,        # 1: mean flows over s < t (MFD); 0: s = t (VSD), see vsd.py
 )
 # Paper: AdamW lr 1e-4 for both, wd 1e-4, clip 1, constant lr. Tiny runs are short, so lr is higher.
 optim = dict(_delete_=True,  # replace the base file's single "main" group

@@ -1,13 +1,13 @@
 # Tiny OccFM teacher: latent flow matching over the tiny VAE (8 × 25 × 25 latents, 4 past + 6 future),
 # ~1 M parameters; 10 Euler steps on the α = 3 shifted grid with CFG 2 at sampling.
-#   python tools/train.py configs/tiny/occfm.py --cfg-options data.root=... objective.vae_ckpt=.../latest.pt
+#   python tools/train.py configs/tiny/occfm.py --cfg-options data.root=... objective.vae_snapshot=.../snapshot.pt
 _base_ = ["../_base_/train_defaults.py"]
 
 data = dict(type="occ_mfd.data.sequences.OccSequenceDataset", root="data/occ", split="train",
             past=4, future=6, pool=2, mask=None, stride=1)
 objective = dict(
-    type="occ_mfd.models.teacher.OccFlowTeacher",
-    vae_ckpt="work_dirs/vae/latest.pt",
+    type="occ_mfd.objectives.flow_matching.OccFlowTeacher",
+    vae_snapshot="work_dirs/vae/snapshot.pt",
     net=dict(past=4, future=6, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,),
              heads=4, traj_mode="past"),
     # OccFM multiplies its latents by 10; ours have std ≈ 1.4 (tiny VAE, KL weight 1e-3), so 0.7 brings them

@@ -6,7 +6,7 @@ _base_ = ["../_base_/train_defaults.py"]
 data = dict(type="occ_mfd.data.sequences.OccSequenceDataset", root="data/occ", split="train",
             past=4, future=6, pool=2, mask=None, stride=2)
 objective = dict(
-    type="occ_mfd.models.vae_objective.VAEObjective",
+    type="occ_mfd.objectives.vae.VAEObjective",
     vae=dict(type="occ_mfd.models.vae.OccVAE", num_classes=18, grid_z=8, class_dim=8, height_dim=4,
              channels=(32, 64, 64), num_res_blocks=1, latent_channels=8, downsample=4, sparse="auto"),
     max_frames=2,  # frames of each 10-frame window used per step (keeps a CPU step short)

@@ -22,7 +22,6 @@ class OccSequence:
             (so ``ego[P-1]`` is the identity).
         mask_future: (F, X, Y, Z) bool visibility mask of the future ground truth, or None (all visible).
         scene: scene name; tokens: the P+F sample tokens in time order.
-        latents_past / latents_future: optional cached VAE latents, (P, C, H, W) / (F, C, H, W) float32.
     """
 
     past: np.ndarray
@@ -31,8 +30,6 @@ class OccSequence:
     mask_future: np.ndarray | None = None
     scene: str = ""
     tokens: list[str] = field(default_factory=list)
-    latents_past: np.ndarray | None = None
-    latents_future: np.ndarray | None = None
 
 
 @dataclass
@@ -42,7 +39,6 @@ class OccBatch:
     Attributes:
         past: (B, P, X, Y, Z) int64.  future: (B, F, X, Y, Z) int64.
         ego: (B, P+F, 4, 4) float32.  mask_future: (B, F, X, Y, Z) bool or None.
-        latents_past / latents_future: (B, P, C, H, W) / (B, F, C, H, W) float32 or None.
         scenes, tokens: per-sample metadata.
     """
 
@@ -50,8 +46,6 @@ class OccBatch:
     future: torch.Tensor
     ego: torch.Tensor
     mask_future: torch.Tensor | None = None
-    latents_past: torch.Tensor | None = None
-    latents_future: torch.Tensor | None = None
     scenes: list[str] = field(default_factory=list)
     tokens: list[list[str]] = field(default_factory=list)
 
@@ -83,8 +77,6 @@ def collate_sequences(items: list[OccSequence]) -> OccBatch:
         future=stack("future", torch.int64),
         ego=stack("ego", torch.float32),
         mask_future=stack("mask_future", torch.bool),
-        latents_past=stack("latents_past", torch.float32),
-        latents_future=stack("latents_future", torch.float32),
         scenes=[it.scene for it in items],
         tokens=[list(it.tokens) for it in items],
     )

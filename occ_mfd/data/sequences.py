@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -20,16 +19,6 @@ from occ_mfd.data.records import OccSequence
 from occ_mfd.grid import GridSpec
 
 MASKS = {"camera": "mask_camera", "lidar": "mask_lidar", None: None}
-
-
-class LatentCache(Protocol):
-    """Hook for cached VAE latents: ``get`` returns (C, H, W) float32 for one frame, or None if absent.
-
-    The dataset fills ``latents_past``/``latents_future`` only when *every* frame of the window is cached
-    (a partial window would silently mix cached and uncached inputs); otherwise both stay None.
-    """
-
-    def get(self, scene: str, token: str) -> np.ndarray | None: ...
 
 
 def relative_poses(ego2global: np.ndarray, current: int) -> np.ndarray:
@@ -49,15 +38,13 @@ class OccSequenceDataset(Dataset):
         pool: load-time downsampling factor (see :mod:`occ_mfd.data.pool`); ``.grid`` is the pooled grid.
         mask: which visibility mask feeds ``mask_future`` ("camera", "lidar" or None for no mask).
         stride: step between consecutive window starts.
-        latent_cache: optional :class:`LatentCache`.
 
     Item: OccSequence with past (P, X, Y, Z) uint8, future (F, X, Y, Z) uint8, ego (P+F, 4, 4) float32,
     mask_future (F, X, Y, Z) bool or None, scene, tokens (P+F).
     """
 
     def __init__(self, root: str | os.PathLike, split: str | None = "train", past: int = 4, future: int = 6,
-                 pool: int = 1, mask: str | None = "camera", stride: int = 1,
-                 latent_cache: LatentCache | None = None):
+                 pool: int = 1, mask: str | None = "camera", stride: int = 1):
         if past < 1 or future < 0 or stride < 1 or pool < 1:
             raise ValueError(f"OccSequenceDataset: need past ≥ 1, future ≥ 0, stride ≥ 1, pool ≥ 1; "
                              f"got past={past}, future={future}, stride={stride}, pool={pool}")
@@ -71,7 +58,7 @@ class OccSequenceDataset(Dataset):
                              f"divisible by pool={pool}")
         self.grid: GridSpec = self.source_grid.pooled(pool) if pool > 1 else self.source_grid
         self.split, self.past, self.future, self.pool = split, past, future, pool
-        self.mask_key, self.stride, self.latent_cache = MASKS[mask], stride, latent_cache
+        self.mask_key, self.stride = MASKS[mask], stride
         length = past + future
         self.windows: list[tuple[int, int]] = []  # (scene position in index.scenes, first frame)
         for si, scene in enumerate(self.index.scenes):
@@ -107,11 +94,5 @@ class OccSequenceDataset(Dataset):
         if self.mask_key is not None:
             fut = [m for _, m in loaded[self.past:]]
             mask_future = np.stack(fut) if fut else np.zeros((0, *self.grid.shape), dtype=bool)
-        seq = OccSequence(past=sem[:self.past], future=sem[self.past:], ego=ego, mask_future=mask_future,
-                          scene=scene.name, tokens=tokens)
-        if self.latent_cache is not None:
-            lat = [self.latent_cache.get(scene.name, t) for t in tokens]
-            if all(x is not None for x in lat):
-                lat = np.stack([np.asarray(x, dtype=np.float32) for x in lat])    # (P+F, C, H, W)
-                seq.latents_past, seq.latents_future = lat[:self.past], lat[self.past:]
-        return seq
+        return OccSequence(past=sem[:self.past], future=sem[self.past:], ego=ego, mask_future=mask_future,
+                           scene=scene.name, tokens=tokens)

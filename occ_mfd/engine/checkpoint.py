@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from mmengine.config import Config
 
 from occ_mfd.atomic import atomic_path
+from occ_mfd.builder import build
 
 FORMAT = "occ_mfd.ckpt/1"
 LATEST = "latest.pt"
@@ -104,7 +106,6 @@ def _link_latest(path: Path) -> None:
     try:
         os.link(path, tmp)  # a hard link: no second copy on disk, survives pruning of old ckpts
     except OSError:
-        import shutil
         shutil.copyfile(path, tmp)
     os.replace(tmp, latest)
 
@@ -148,9 +149,8 @@ def load_config_from_checkpoint(ckpt: dict | str | os.PathLike) -> Config:
 def build_objective_from_checkpoint(path: str | os.PathLike, use_ema: bool = True, map_location="cpu"):
     """Rebuild the objective from the checkpoint's own config and load its weights; with ``use_ema`` the
     EMA weights replace the live ones of every module in ``objective.ema_modules()``. Returned in eval
-    mode on ``map_location``."""
-    from occ_mfd.engine.builder import build
-
+    mode on ``map_location``. For inference, load the stage's snapshot instead (``occ_mfd.models.snapshot``):
+    this rebuilds the whole objective (an MFD one holds teacher, aux and student)."""
     ckpt = load_checkpoint(path, map_location=map_location)
     cfg = load_config_from_checkpoint(ckpt)
     objective = build(cfg.objective)

@@ -56,14 +56,6 @@ def all_reduce_min(x: float) -> float:
     return float(t.item())
 
 
-def all_reduce_mean(x: float) -> float:
-    if not is_active():
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item()) / dist.get_world_size()
-
-
 def all_gather_object(obj) -> list:
     """[obj of rank 0, obj of rank 1, …]; ``[obj]`` without a process group."""
     if not is_active():
@@ -71,14 +63,6 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj, src: int = 0):
-    if not is_active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def barrier() -> None:

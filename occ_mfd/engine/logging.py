@@ -1,28 +1,32 @@
 """Training logs: a progress line, ``work_dir/log.jsonl`` (machine-readable) and TensorBoard scalars.
 
 Values are averaged per phase over each ``log_interval`` window, so a phase that runs rarely (MFD's
-student, 1 step in 10) is still logged at every interval in which it ran. Only rank 0 writes.
+student, 1 step in 10) is still logged at every interval in which it ran. Only rank 0 writes. The progress
+line goes to the ``logging`` logger of this module (``tools/train.py`` prints it).
 """
 from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class TrainLogger:
     """``update(step, phase, scalars)`` every step; ``flush(step)`` at each log interval."""
 
     def __init__(self, work_dir: str | os.PathLike, max_steps: int, samples_per_step: int,
-                 enabled: bool = True, tensorboard: bool = True, print_fn=print):
+                 enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
         self.max_steps = max_steps
         self.samples_per_step = samples_per_step
-        self.print = print_fn
         self.jsonl = Path(work_dir) / "log.jsonl"
         self.writer = None
         if enabled and tensorboard:
@@ -63,9 +67,9 @@ class TrainLogger:
                         if math.isfinite(v):
                             self.writer.add_scalar(f"{phase}/{k}", v, step)
                     self.writer.add_scalar("perf/samples_per_s", rate, step)
-                self.print(f"step {step}/{self.max_steps} [{phase}] loss {means.get('loss', float('nan')):.4g} "
+                log.info(f"step {step}/{self.max_steps} [{phase}] loss {means.get('loss', float('nan')):.4g} "
                            f"lr {means.get('lr', float('nan')):.3g} gnorm {means.get('grad_norm', float('nan')):.3g}"
-                           f" | {rate:.1f} samples/s | ETA {eta}", flush=True)
+                           f" | {rate:.1f} samples/s | ETA {eta}")
         self._sums.clear()
         self._counts.clear()
         self._steps_in_window = 0
@@ -74,3 +78,26 @@ class TrainLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at emit time (so captured or redirected output still sees it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def log_to_stdout(level: int = logging.INFO, name: str = "occ_mfd") -> None:
+    """For command-line tools: print the library's log messages (``name`` and below) as plain lines on stdout.
+    Idempotent: calling it again (e.g. ``main()`` twice in one process) adds no second handler."""
+    logger = logging.getLogger(name)
+    logger.setLevel(level)
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)

@@ -15,12 +15,15 @@ Per step: ``phase = objective.phase(step)``; zero the grads of every group; forw
 CUDA when ``amp="bf16"``); backward; clip the phase's group; if the loss and grad norm are finite on all
 ranks, step the phase's AdamW and update the EMA of the modules that share parameters with that group,
 else skip the update (the batch is consumed; ``max_nonfinite`` skips in a row stop the run).
-``step`` counts batches, globally; checkpoints every ``ckpt_interval`` steps and at the end. The loop
-never switches train/eval modes: the objective owns that (e.g. its frozen teacher stays in eval mode).
+``step`` counts batches, globally; checkpoints every ``ckpt_interval`` steps and at the end, each with the
+stage's inference snapshot (``snapshot.pt``: the EMA weights of what ``objective.inference_parts()`` names).
+The loop never switches train/eval modes: the objective owns that (e.g. its frozen teacher stays in eval
+mode). Messages go to this module's ``logging`` logger (rank 0 only); ``tools/train.py`` prints them.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -32,13 +35,16 @@ import torch
 from mmengine.config import Config
 from torch.nn.parallel import DistributedDataParallel
 
+from occ_mfd.builder import build, resolve_type, to_plain
 from occ_mfd.engine import checkpoint as ck
 from occ_mfd.engine import distributed as du
-from occ_mfd.engine.builder import build, resolve_type, to_plain
 from occ_mfd.engine.data_loader import StepLoader
 from occ_mfd.engine.ema import EMA
 from occ_mfd.engine.logging import TrainLogger
 from occ_mfd.engine.optim import build_optimizers, clip_grads, set_lr
+from occ_mfd.models.snapshot import SNAPSHOT, Snapshot, save_snapshot, snapshot_from_parts
+
+log = logging.getLogger(__name__)
 
 TRAIN_DEFAULTS = dict(
     max_steps=1000, batch_size=1, num_workers=0, warmup_steps=0, schedule="cosine", min_lr_ratio=0.2,
@@ -94,7 +100,7 @@ def _grid_dict(dataset, cfg: Config):
 
 
 def train(cfg: Config | dict, work_dir: str | os.PathLike, *, device: str | torch.device | None = None,
-          resume: bool = True, print_fn=print) -> TrainResult:
+          resume: bool = True) -> TrainResult:
     """Train ``cfg`` in ``work_dir``, resuming from ``work_dir/latest.pt`` when ``resume`` and it exists.
     Under torchrun (or in an existing process group) this process is one DDP rank."""
     cfg = cfg if isinstance(cfg, Config) else Config(cfg)
@@ -106,7 +112,7 @@ def train(cfg: Config | dict, work_dir: str | os.PathLike, *, device: str | torc
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        return _train(cfg, tc, Path(work_dir), device, info, resume, print_fn if info.is_main else _mute)
+        return _train(cfg, tc, Path(work_dir), device, info, resume, log.info if info.is_main else _mute)
     finally:
         du.teardown(info)
 
@@ -176,7 +182,7 @@ def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
     loader = StepLoader(dataset, int(tc["batch_size"]), info.rank, info.world_size, int(tc["seed"]),
                         int(tc["num_workers"]), collate, pin_memory=device.type == "cuda")
     logger = TrainLogger(work_dir, max_steps, int(tc["batch_size"]) * info.world_size, info.is_main,
-                         bool(tc["tensorboard"]), say)
+                         bool(tc["tensorboard"]))
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if tc["amp"] == "bf16" and device.type == "cuda"
            else contextlib.nullcontext())
     last_ckpt = latest if ckpt is not None else None
@@ -224,7 +230,7 @@ def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
                 logger.flush(step)
             if step % int(tc["ckpt_interval"]) == 0 or step == max_steps:
                 last_ckpt = _save(work_dir, step, objective, opts, ema, guard, loader, cfg, grid, info, tc)
-                say(f"saved {last_ckpt}")
+                say(f"saved {last_ckpt}" + (f" and {work_dir / SNAPSHOT}" if objective.inference_parts() else ""))
     finally:
         logger.close()
     return TrainResult(step, last_ckpt, step >= max_steps)
@@ -252,5 +258,22 @@ def _save(work_dir, step, objective, opts, ema, guard, loader, cfg, grid, info, 
                  "git_rev": ck.git_revision(), "torch_version": str(torch.__version__),
                  "world_size": info.world_size}
         path = ck.save_checkpoint(state, work_dir, keep=int(tc["keep_ckpts"]))
+        snapshot = _snapshot(objective, ema, step, cfg, grid, state["git_rev"])
+        if snapshot is not None:
+            save_snapshot(snapshot, work_dir / SNAPSHOT)
     du.barrier()
     return path
+
+
+def _snapshot(objective, ema, step, cfg, grid, git_rev) -> Snapshot | None:
+    """The inference snapshot: each module the objective names, with its EMA weights where the loop keeps an
+    EMA of that very module, else its live weights (e.g. the frozen VAE, already an EMA of its own stage)."""
+    parts = objective.inference_parts()
+    if parts is None:
+        return None
+    ema_of = {id(m): ema.shadow[name] for name, m in ema.modules.items()} if ema is not None else {}
+    data = to_plain(cfg.get("data", None) or {})
+    return snapshot_from_parts(parts, lambda m: ema_of.get(id(m), m.state_dict()), grid=grid,
+                               data={"pool": int(data.get("pool", 1)), "past": int(data.get("past", 4)),
+                                     "future": int(data.get("future", 6))},
+                               step=step, config=ck.config_text(cfg), git_rev=git_rev)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from occ_mfd.engine.objective import LossOutput, Objective
+from occ_mfd.objectives.base import LossOutput, Objective
 
 
 class ToyRegressionDataset(Dataset):

@@ -1,12 +1,12 @@
 """Model-free baselines: copy the last observed frame, or warp it by the ego motion (static world).
 
-Both return a :class:`~occ_mfd.eval.forecasters.Forecast` with ``nfe = 0`` and ignore the noise generator.
+Both return a :class:`~occ_mfd.models.pipeline.Forecast` with ``nfe = 0`` and ignore the noise generator.
 """
 from __future__ import annotations
 
 import torch
 
-from occ_mfd.eval.forecasters import Forecast
+from occ_mfd.models.pipeline import Forecast
 from occ_mfd.grid import FREE_ID, GridSpec
 
 

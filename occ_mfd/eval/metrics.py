@@ -1,15 +1,9 @@
 """Semantic-occupancy forecasting metrics: dataset-level confusion matrices per future frame.
 
 One (C, C) confusion matrix per horizon (rows = ground truth, columns = prediction) is accumulated over
-the whole dataset with ``torch.bincount``; IoU and mIoU are computed once from the summed counts (the
-Occ3D / OccWorld / OccFM convention — *not* a mean of per-sample scores).
+the whole dataset with ``torch.bincount``; IoU and mIoU come from the summed counts through
+:func:`occ_mfd.scores.iou_from_confusion` (its docstring states the definitions, incl. absent classes = NaN).
 
-* **IoU** is the IoU of the "occupied" class of the binarised problem (label ≠ free vs free).
-* **mIoU** is the mean over the semantic classes 0‥16 (free excluded) of
-  ``TP_c / (TP_c + FP_c + FN_c)``.
-* A class **absent from both prediction and ground truth** at a horizon has 0/0 IoU: it is ``NaN`` and
-  left out of that horizon's mIoU. (OccWorld's metric code counts such a class as IoU = 1, which
-  inflates mIoU on small or class-poor evaluation sets; we never do.)
 * Summaries, each labelled: ``*_mean_123`` = mean over the frames at 1 s, 2 s, 3 s (indices 1, 3, 5 at
   2 Hz; OccWorld/DOME), ``*_mean_all`` = mean over all future frames (OccFM). All values are in %.
 """
@@ -21,9 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from occ_mfd.grid import FREE_ID, NUM_CLASSES, OCC3D_CLASSES
-
-FRAME_DT_S = 0.5  # keyframes at 2 Hz
+from occ_mfd.grid import FREE_ID, KEYFRAME_DT_S, NUM_CLASSES, OCC3D_CLASSES
+from occ_mfd.scores import iou_from_confusion, nanmean
 
 
 @dataclass
@@ -60,8 +53,8 @@ class MetricResult:
             return None if math.isnan(v) else v
 
         keys = [f"{h:.1f}" for h in self.horizons_s]
-        with np.errstate(all="ignore"), _quiet_nanmean():
-            pc = np.nanmean(self.per_class_iou, axis=0) if len(self.per_class_iou) else []
+        with np.errstate(all="ignore"):
+            pc = nanmean(self.per_class_iou, axis=0) if len(self.per_class_iou) else []
         return {
             "iou": {k: num(v) for k, v in zip(keys, self.iou)},
             "miou": {k: num(v) for k, v in zip(keys, self.miou)},
@@ -71,43 +64,6 @@ class MetricResult:
             "per_class_iou_by_frame": {k: {n: num(v) for n, v in zip(self.class_names, row)}
                                        for k, row in zip(keys, self.per_class_iou)},
         }
-
-
-class _quiet_nanmean:
-    """Silence numpy's 'Mean of empty slice' warning: an all-NaN mean is NaN by design here."""
-
-    def __enter__(self):
-        import warnings
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore", category=RuntimeWarning)
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)
-
-
-def _nanmean(a: np.ndarray, axis=None):
-    with _quiet_nanmean():
-        return np.nanmean(a, axis=axis)
-
-
-def iou_from_confusion(conf: np.ndarray, free_id: int = FREE_ID) -> tuple[float, np.ndarray, float]:
-    """One (C, C) confusion matrix (rows GT, cols prediction) → (IoU %, per-class IoU % (free_id,), mIoU %).
-
-    Undefined (0/0) values are NaN; mIoU is the NaN-ignoring mean of the per-class IoU.
-    """
-    conf = np.asarray(conf, dtype=np.float64)
-    occ = [c for c in range(conf.shape[0]) if c != free_id]
-    tp = conf[np.ix_(occ, occ)].sum()             # occupied predicted as occupied (any class)
-    fp = conf[free_id, occ].sum()                 # free predicted occupied
-    fn = conf[occ, free_id].sum()                 # occupied predicted free
-    den = tp + fp + fn
-    iou = 100.0 * tp / den if den > 0 else float("nan")
-    diag = np.diag(conf)[:free_id]
-    union = conf.sum(0)[:free_id] + conf.sum(1)[:free_id] - diag
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_class = np.where(union > 0, 100.0 * diag / np.maximum(union, 1), np.nan)
-    return iou, per_class, float(_nanmean(per_class)) if np.any(~np.isnan(per_class)) else float("nan")
 
 
 class OccMetrics:
@@ -123,7 +79,7 @@ class OccMetrics:
     """
 
     def __init__(self, num_classes: int = NUM_CLASSES, free_id: int = FREE_ID, horizons: int = 6,
-                 frame_dt_s: float = FRAME_DT_S):
+                 frame_dt_s: float = KEYFRAME_DT_S):
         if free_id != num_classes - 1:
             # Semantic classes are 0..free_id-1 everywhere below (Occ3D: 0..16, free = 17).
             raise ValueError(f"OccMetrics: free_id must be the last id ({num_classes - 1}), got {free_id}")
@@ -185,8 +141,8 @@ class OccMetrics:
         idx = [i for i, h in enumerate(horizons_s) if any(math.isclose(h, s) for s in (1.0, 2.0, 3.0))]
         names = list(OCC3D_CLASSES[:self.free_id]) if self.num_classes == NUM_CLASSES \
             else [str(i) for i in range(self.free_id)]
-        m123 = lambda a: float(_nanmean(a[idx])) if idx and np.any(~np.isnan(a[idx])) else float("nan")
-        mall = lambda a: float(_nanmean(a)) if np.any(~np.isnan(a)) else float("nan")
+        m123 = lambda a: float(nanmean(a[idx])) if idx and np.any(~np.isnan(a[idx])) else float("nan")
+        mall = lambda a: float(nanmean(a)) if np.any(~np.isnan(a)) else float("nan")
         return MetricResult(horizons_s=horizons_s, iou=iou, miou=miou, per_class_iou=per_class,
                             confusion=conf, iou_mean_123=m123(iou), miou_mean_123=m123(miou),
                             iou_mean_all=mall(iou), miou_mean_all=mall(miou), class_names=names)

@@ -23,7 +23,7 @@ import torch
 
 from occ_mfd.atomic import atomic_path, atomic_write
 from occ_mfd.eval.runner import EvalRow
-from occ_mfd.grid import FREE_ID, OCC3D_CLASSES, GridSpec
+from occ_mfd.grid import FREE_ID, KEYFRAME_DT_S, OCC3D_CLASSES, GridSpec
 
 ABSENT_RULE = "a class absent from both prediction and ground truth at a horizon is excluded (NaN, null in JSON)"
 FREE_RULE = (f"free (id {FREE_ID}) is the negative class of IoU (occupied = any id ≠ {FREE_ID}) and is not "
@@ -32,9 +32,9 @@ FREE_RULE = (f"free (id {FREE_ID}) is the negative class of IoU (occupied = any 
 
 def protocol_header(*, data_root, split: str | None, num_sequences: int, grid: GridSpec, past: int, future: int,
                     mask: str | None, seed: int, device, batch_size: int, models: list[dict],
-                    frame_dt_s: float = 0.5) -> dict:
+                    frame_dt_s: float = KEYFRAME_DT_S) -> dict:
     """Everything a reader needs to reproduce the table. ``models``: one dict per model row with name,
-    checkpoint, steps, sampler, shift, cfg_scale (see ``tools/eval.py``)."""
+    snapshot, steps, sampler, shift, cfg_scale (see ``tools/eval.py``)."""
     return {
         "data_root": str(data_root), "split": split, "num_sequences": int(num_sequences),
         "grid": grid.to_dict(), "history_frames": past, "future_frames": future,
@@ -110,7 +110,7 @@ def format_header(protocol: dict) -> str:
         f"mask      {p['mask']}",
     ]
     for m in p["models"]:
-        lines.append(f"model     {m['name']}: {m.get('checkpoint', '')}  sampler={m.get('sampler', 'euler')} "
+        lines.append(f"model     {m['name']}: {m.get('snapshot', '')}  sampler={m.get('sampler', 'euler')} "
                      f"shift α={m.get('shift')}  steps={m.get('steps')}  CFG={m.get('cfg_scale')}")
     lines.append(f"seed      {p['seed']} ({p['noise']})  batch={p['batch_size']}")
     lines.append(f"runtime   torch {p['torch']}  device={p['device']}  python {p['python']}")
@@ -140,12 +140,14 @@ def format_table(results: dict) -> str:
 
 
 def plot_curves(path: str | os.PathLike, results: dict) -> Path:
-    """IoU and mIoU against the horizon, one line per row (matplotlib, Agg backend)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """IoU and mIoU against the horizon, one line per row.
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    Drawn on a standalone ``matplotlib.figure.Figure`` (no pyplot): the process's matplotlib backend, which is
+    the caller's business, is neither used nor changed."""
+    from matplotlib.figure import Figure  # lazy: matplotlib costs ~0.3 s to import
+
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for r in results["rows"]:
         hs = [float(k) for k in r["iou"]]
         for ax, metric in zip(axes, ("iou", "miou")):
@@ -160,5 +162,4 @@ def plot_curves(path: str | os.PathLike, results: dict) -> Path:
     path = Path(path)
     with atomic_path(path, suffix=path.suffix) as tmp:
         fig.savefig(tmp, dpi=120)
-    plt.close(fig)
     return path

@@ -20,6 +20,7 @@ from occ_mfd.data.records import collate_sequences
 from occ_mfd.eval.forecasters import Forecaster
 from occ_mfd.eval.metrics import MetricResult, OccMetrics
 from occ_mfd.grid import FREE_ID, NUM_CLASSES, GridSpec
+from occ_mfd.viz.forecast_io import save_forecast
 
 
 @dataclass
@@ -100,8 +101,6 @@ def run_eval(dataset: Dataset, rows: list[Forecaster], *, grid: GridSpec, batch_
 
 
 def _dump(folder: Path, batch, pred: torch.Tensor, grid: GridSpec, name: str, first: int, count: int) -> None:
-    from occ_mfd.viz.forecast_io import save_forecast
-
     for j in range(min(batch.batch_size, count - first)):
         k = first + j
         scene = batch.scenes[j] if batch.scenes else ""

@@ -1,13 +1,16 @@
-"""The speed protocol of DESIGN.md: batch 1, warm-up, ≥ 50 timed runs, device synchronisation, median and p90,
-end to end and per stage.
+"""The speed protocol (docs/design.md): batch 1, warm-up, ≥ 50 timed runs, device synchronisation, median and
+p90, end to end and per stage.
 
 A forecast is timed as a chain of named *stages* (``encode → sample → decode → argmax``), each a callable on the
-previous stage's output. Every run synchronises the device before and after each stage (``torch.cuda.synchronize``
-on GPU; a no-op on CPU), so a stage's time is its own work, and the end-to-end time is the whole chain. Medians
-are reported because machines are noisy; p90 shows the tail.
+previous stage's output: the stage methods of :class:`~occ_mfd.models.pipeline.OccForecastPipeline`, i.e. exactly
+what ``forecast()`` runs in evaluation, with the same noise source (a CPU generator, re-seeded every run). Every
+run synchronises the device before and after each stage (:func:`synchronize`; a no-op on CPU), so a stage's
+time is its own work, and the end-to-end time is the whole chain. Medians are reported because machines are
+noisy; p90 shows the tail.
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,15 +20,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from occ_mfd.flow.guidance import guided
-from occ_mfd.flow.solver import euler_integrate
-from occ_mfd.flow.time_sampling import time_grid
-from occ_mfd.models.forecaster import ForecastCond
+from occ_mfd.models.pipeline import OccForecastPipeline
 
 Stage = tuple[str, Callable[[Any], Any]]
+Clock = Callable[[], float]
 
 
 def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously); a no-op on CPU. The one place the
+    speed protocol synchronises."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -52,10 +55,12 @@ class SpeedRow:
 
 
 def time_stages(stages: list[Stage], inputs: Any, *, runs: int = 50, warmup: int = 10, device="cpu",
-                desc: str | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                desc: str | None = None, clock: Clock = time.perf_counter,
+                sync: Callable[[Any], None] = synchronize) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Run the chain ``warmup`` times untimed, then ``runs`` times timed.
 
-    Returns (end-to-end ms (runs,), stage name → ms (runs,)).
+    Returns (end-to-end ms (runs,), stage name → ms (runs,)). ``clock`` (seconds) and ``sync`` are injectable
+    so the bookkeeping is testable against a fake clock.
     """
     if runs < 1 or warmup < 0:
         raise ValueError(f"time_stages: need runs ≥ 1 and warmup ≥ 0, got runs={runs}, warmup={warmup}")
@@ -64,12 +69,12 @@ def time_stages(stages: list[Stage], inputs: Any, *, runs: int = 50, warmup: int
     with torch.inference_mode():
         for i in tqdm(range(-warmup, runs), desc=desc, disable=desc is None, leave=False):
             x = inputs
-            synchronize(device)
-            start = prev = time.perf_counter()
+            sync(device)
+            start = prev = clock()
             for name, fn in stages:
                 x = fn(x)
-                synchronize(device)
-                now = time.perf_counter()
+                sync(device)
+                now = clock()
                 if i >= 0:
                     per[name][i] = 1e3 * (now - prev)
                 prev = now
@@ -79,10 +84,11 @@ def time_stages(stages: list[Stage], inputs: Any, *, runs: int = 50, warmup: int
 
 
 def measure(name: str, steps: int, nfe: int, stages: list[Stage], inputs: Any, *, runs: int = 50,
-            warmup: int = 10, device="cpu", options: list[str] | None = None, progress: bool = True) -> SpeedRow:
+            warmup: int = 10, device="cpu", options: list[str] | None = None, progress: bool = True,
+            clock: Clock = time.perf_counter) -> SpeedRow:
     """Time a stage chain → :class:`SpeedRow` (median / p90 end to end and per stage)."""
     e2e, per = time_stages(stages, inputs, runs=runs, warmup=warmup, device=device,
-                           desc=f"bench {name}" if progress else None)
+                           desc=f"bench {name}" if progress else None, clock=clock)
     med = float(np.median(e2e))
     return SpeedRow(name=name, steps=steps, nfe=nfe, latency_ms_median=med,
                     latency_ms_p90=float(np.percentile(e2e, 90)), fps=1e3 / med if med > 0 else float("inf"),
@@ -101,62 +107,40 @@ def speedups(rows: list[SpeedRow], reference: str) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------ forecast stages
 
-def two_pass_cfg(net: Callable, scale: float) -> Callable:
-    """CFG as two forward passes of batch B (cond, then uncond): the slow reference for the fused 2B batch."""
-    def velocity(x, t, cond):
-        v_c = net(x, t, cond)
-        if scale == 1.0:
-            return v_c
-        v_u = net(x, t, cond, drop_cond=torch.ones(x.shape[0], dtype=torch.bool, device=x.device))
-        return v_u + scale * (v_c - v_u)
-    return velocity
+def pipeline_stages(pipeline: OccForecastPipeline, steps: int, *, cfg_scale: float | None = None, seed: int = 0,
+                    autocast: torch.dtype | None = None) -> list[Stage]:
+    """``encode → sample → decode → argmax`` of ``pipeline`` on an ``OccBatch`` input: the stage methods that
+    :meth:`OccForecastPipeline.forecast` chains, so ``argmax`` of the last stage equals ``forecast(batch,
+    steps, generator=torch.Generator().manual_seed(seed)).classes`` (tested).
 
-
-def pipeline_stages(pipeline, steps: int, *, cfg_scale: float | None = None, fused_cfg: bool = True,
-                    seed: int = 0, autocast: torch.dtype | None = None) -> list[Stage]:
-    """``encode → sample → decode → argmax`` of an :class:`OccForecastPipeline` on an ``OccBatch`` input.
-
-    The noise is drawn from a generator re-seeded with ``seed`` every run, so every run (and every pipeline
-    timed with the same seed and shapes) integrates from the same x0. ``autocast``: e.g. torch.bfloat16 on CUDA.
+    The noise is drawn from a CPU generator re-seeded with ``seed`` every run (eval's noise source), so every run
+    (and every pipeline timed with the same seed and shapes) integrates from the same x0. ``autocast``: e.g.
+    torch.bfloat16 on CUDA, around every stage. Two-pass CFG: a pipeline with ``fused_cfg=False``.
     """
-    scale = float(pipeline.cfg_scale if cfg_scale is None else cfg_scale)
-    codec, net = pipeline.codec, pipeline.net
-
     def ctx(device):
         if autocast is None:
-            return torch.autocast("cpu", enabled=False)
+            return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=autocast)
 
     def encode(batch):
         with ctx(batch.past.device):
-            past = codec.encode(batch.past)                                       # (B, P, C, H, W)
-        return past, batch.ego
+            return pipeline.encode(batch)                                         # ForecastCond
 
-    def sample(state):
-        past, ego = state
-        B, _, C, H, W = past.shape
-        cond = ForecastCond(past_latents=past, ego=ego.float())
-        g = torch.Generator(device=past.device).manual_seed(seed)
-        x0 = torch.randn((B, ego.shape[1] - past.shape[1], C, H, W), generator=g, device=past.device,
-                         dtype=torch.float32)
-        v = guided(net, scale) if fused_cfg else two_pass_cfg(net, scale)
-        grid = time_grid(steps, pipeline.shift, device=past.device)
-        with ctx(past.device):
-            return euler_integrate(lambda x, t: v(x, t, cond), x0, grid)           # (B, F, C, H, W)
+    def sample(cond):
+        x0 = pipeline.noise(cond, torch.Generator().manual_seed(seed))            # (B, F, C, H, W)
+        with ctx(x0.device):
+            return pipeline.sample(cond, x0, steps, cfg_scale)                    # (B, F, C, H, W)
 
     def decode(x1):
         with ctx(x1.device):
-            return codec.decode_logits(x1.float())                                 # (B, F, K, X, Y, Z)
+            return pipeline.decode_logits(x1)                                     # (B, F, K, X, Y, Z)
 
-    def argmax(logits):
-        return logits.argmax(dim=2).to(torch.uint8)                                # (B, F, X, Y, Z)
-
-    return [("encode", encode), ("sample", sample), ("decode", decode), ("argmax", argmax)]
+    return [("encode", encode), ("sample", sample), ("decode", decode), ("argmax", pipeline.to_classes)]
 
 
 def floor_stages(pipeline, batch, *, seed: int = 0, autocast: torch.dtype | None = None) -> list[Stage]:
-    """The floor of any forecaster: one (unguided) network evaluation + decode + argmax. The past latents and
-    the noise are computed once here, outside the timed chain (a forecaster cannot do less than this)."""
+    """The floor of any forecaster: one (unguided) network evaluation + decode + argmax. The past latents are
+    computed once here, outside the timed chain (a forecaster cannot do less than this)."""
     stages = pipeline_stages(pipeline, 1, cfg_scale=1.0, seed=seed, autocast=autocast)
     with torch.inference_mode():
         state = stages[0][1](batch)

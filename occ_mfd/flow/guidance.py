@@ -32,11 +32,12 @@ def repeat_batch(cond: Any, n: int) -> Any:
     return cond
 
 
-def guided(net: Callable, scale: float) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
+def guided(net: Callable, scale: float, fused: bool = True) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
     """Return ``f(x, t, cond) = v_u + scale * (v_c - v_u)`` for ``net(x, t, cond, drop_cond)``.
 
-    The conditional and unconditional passes are one forward of batch 2B with
-    ``drop_cond = [False]*B + [True]*B``. ``scale == 1`` is a single conditional pass (no drop_cond).
+    ``fused``: the conditional and unconditional passes are one forward of batch 2B with
+    ``drop_cond = [False]*B + [True]*B``; otherwise two forwards of batch B (cond, then uncond), the slow
+    reference the speed protocol compares against. ``scale == 1`` is a single conditional pass (no drop_cond).
     """
     scale = float(scale)
 
@@ -44,6 +45,10 @@ def guided(net: Callable, scale: float) -> Callable[[torch.Tensor, torch.Tensor,
         if scale == 1.0:
             return net(x, t, cond)
         B = x.shape[0]
+        if not fused:
+            v_c = net(x, t, cond)
+            v_u = net(x, t, cond, drop_cond=torch.ones(B, dtype=torch.bool, device=x.device))
+            return v_u + scale * (v_c - v_u)
         drop = torch.zeros(2 * B, dtype=torch.bool, device=x.device)
         drop[B:] = True
         v = net(torch.cat([x, x]), torch.cat([t, t]), repeat_batch(cond, 2), drop_cond=drop)

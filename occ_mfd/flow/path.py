@@ -1,4 +1,4 @@
-"""The linear (rectified-flow / conditional-OT) probability path of DESIGN.md.
+"""The linear (rectified-flow / conditional-OT) probability path of docs/design.md (time convention).
 
 t = 0 is noise, t = 1 is data: ``x_t = (1 - t) * x0 + t * x1`` and the conditional velocity is
 ``dx_t/dt = x1 - x0`` (Lipman et al. 2023, Eq. 20-23 with sigma_min = 0; Liu et al. 2023).

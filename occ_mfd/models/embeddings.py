@@ -27,7 +27,7 @@ def height_embedding(grid_z: int, dim: int = 4) -> torch.Tensor:
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
-    """(B,) t ∈ [0, 1] → (B, dim). t is scaled by ``scale`` here and only here (DESIGN.md time convention)."""
+    """(B,) t ∈ [0, 1] → (B, dim). t is scaled by ``scale`` here and only here (docs/design.md, time convention)."""
     return sincos_1d(t * scale, dim)
 
 

@@ -65,7 +65,10 @@ class OccForecaster(nn.Module):
         attn_backend: str = "auto",
         mid_attn: bool = True,
     ):
+        # The constructor arguments, so an inference snapshot can rebuild this network (models/snapshot.py).
+        init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.init_kwargs = init_kwargs
         if traj_mode not in ("past", "future"):
             raise ValueError(f"traj_mode must be 'past' or 'future', got {traj_mode!r}")
         self.latent_channels, self.past, self.future, self.traj_mode = latent_channels, past, future, traj_mode

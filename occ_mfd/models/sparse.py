@@ -20,6 +20,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 
@@ -42,18 +43,29 @@ def _patch_spconv_cpu_stream() -> None:
 
 @contextlib.contextmanager
 def _single_thread_on_cpu(device: torch.device):
-    """spconv 2.3.8's CPU kernels give run-to-run different, wrong sums when torch runs several intra-op
-    threads on dense-ish inputs (cf. traveller59/spconv#679; reproduced here at 95 % occupancy, batch 2).
-    One thread is exact, so spconv calls on CPU run single-threaded; the previous count is restored."""
+    """Run the body with one OpenMP thread *in the calling thread only* (CPU; a no-op on other devices).
+
+    Why: spconv 2.3.8's CPU kernels give run-to-run different, wrong sums when their OpenMP loops run on
+    several threads on dense-ish inputs (cf. traveller59/spconv#679; reproduced here at 95 % occupancy,
+    batch 2, 2 threads). One thread is exact.
+
+    How: spconv's wheel bundles a libgomp, but its ``GOMP_*`` symbols bind to the libgomp torch loaded
+    first (``LD_DEBUG=bindings``), so those loops run on torch's OpenMP runtime — and limiting only
+    spconv's bundled copy does not help (measured). OpenMP's thread count (``nthreads-var``) is a
+    per-thread setting: ``threadpoolctl`` sets it to 1 in every loaded OpenMP runtime for this thread
+    and restores it on exit, exceptions included. Unlike ``torch.set_num_threads`` this leaves
+    process-wide state alone: other threads keep their count, threads started meanwhile get torch's
+    default, and overlapping callers cannot restore each other's values. torch's own CPU ops in the
+    body (OpenMP too) also run single-threaded, as before; MKL's gemm keeps its own thread count.
+    """
     if device.type != "cpu":
         yield
         return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    # torch sets this thread's OpenMP count from its process default on the thread's first op: make that
+    # happen now, so it cannot undo the limit inside the body (a fresh autograd or user thread).
+    torch.get_num_threads()
+    with threadpool_limits(limits=1, user_api="openmp"):
         yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def spconv_available() -> bool:
@@ -150,7 +162,7 @@ class OccupiedStem3d(nn.Module):
 
 
 class _SingleThreadCPU(torch.autograd.Function):
-    """Run ``fn(*inputs)`` *and its backward* with one intra-op thread (see :func:`_single_thread_on_cpu`).
+    """Run ``fn(*inputs)`` *and its backward* with one OpenMP thread (see :func:`_single_thread_on_cpu`).
 
     The inner graph is built on detached leaves in forward and differentiated in backward, so spconv's
     own backward kernels also run single-threaded (the autograd engine would otherwise use all threads).

@@ -67,7 +67,10 @@ class OccVAE(nn.Module):
         sparse: bool | str = "auto",
         free_id: int = FREE_ID,
     ):
+        # The constructor arguments, so an inference snapshot can rebuild this network (models/snapshot.py).
+        init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.init_kwargs = init_kwargs
         n_down = int(round(math.log2(downsample)))
         if 2**n_down != downsample or n_down > len(channels) - 1:
             raise ValueError(f"OccVAE: downsample={downsample} must be 2^k with k < len(channels)={len(channels)}")

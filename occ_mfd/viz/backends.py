@@ -7,12 +7,15 @@ EGL offscreen context on Mesa (packages libegl1 + libegl-mesa0 + libgl1-mesa-dri
 """
 from __future__ import annotations
 
-import sys
+import logging
 
 import numpy as np
 
+from occ_mfd.ego import NUSCENES_EGO
 from occ_mfd.grid import FREE_ID, PALETTE, GridSpec
 from occ_mfd.viz.geometry import CameraPreset, camera_preset, cube_mesh, ego_box, exposed_faces, voxel_centers
+
+log = logging.getLogger(__name__)
 
 BACKGROUND = (255, 255, 255)
 
@@ -105,7 +108,7 @@ class BEVRenderer:
     """Fallback without Open3D: top-down image of the highest drawn voxel per (x, y) column in its exact
     palette colour (``height_shade`` darkens lower columns, at the price of colours that no longer match
     the legend); x (forward) points up, y (left) to the left, like the ``bev`` camera. Any other camera
-    is drawn as BEV too."""
+    is drawn as BEV too. ``ego=True`` marks the car's body box (:data:`occ_mfd.ego.NUSCENES_EGO`) in black."""
 
     name = "bev-fallback"
 
@@ -127,12 +130,14 @@ class BEVRenderer:
         rgb[~any_] = BACKGROUND
         img = rgb[::-1, ::-1].astype(np.uint8)                   # rows: +x up; cols: +y left
         if ego:
+            # The car's body box where it is (centred ``center_ahead`` ahead of the rear axle, the ego
+            # origin), as the Open3D renderer's wire box: (x, y) in voxel units u = (x - lo) / voxel.
             img = img.copy()
             X, Y = sem.shape[:2]
-            cx, cy = (0 - grid.lo[0]) / grid.voxel_size, (0 - grid.lo[1]) / grid.voxel_size
-            hl, hw = 0.5 * 4.08 / grid.voxel_size, 0.5 * 1.73 / grid.voxel_size
-            r0, r1 = int(round(X - (cx + hl))), int(round(X - (cx - hl)))
-            c0, c1 = int(round(Y - (cy + hw))), int(round(Y - (cy - hw)))
+            (x0, y0, _), (x1, y1, _) = NUSCENES_EGO.body.bounds()
+            u = lambda v, axis: (v - grid.lo[axis]) / grid.voxel_size
+            r0, r1 = round(X - u(x1, 0)), round(X - u(x0, 0))     # rows: +x up
+            c0, c1 = round(Y - u(y1, 1)), round(Y - u(y0, 1))     # columns: +y left
             img[max(r0, 0):max(r1, 1), max(c0, 0):max(c1, 1)] = 0
         # nearest-neighbour upscale to fit (width, height), then pad with background
         s = max(1, min(self.height // img.shape[0], self.width // img.shape[1]))
@@ -155,7 +160,7 @@ class BEVRenderer:
 
 def make_renderer(backend: str = "auto", width: int = 640, height: int = 480, notice=None):
     """``"open3d"``, ``"bev"`` (the fallback) or ``"auto"``: Open3D when it works, else the fallback with a
-    one-line notice (written to ``notice`` — a callable — or stderr)."""
+    one-line notice (passed to ``notice`` — a callable — or logged as a warning)."""
     if backend == "bev":
         return BEVRenderer(width, height)
     if backend not in ("auto", "open3d"):
@@ -166,5 +171,8 @@ def make_renderer(backend: str = "auto", width: int = 640, height: int = 480, no
         if backend == "open3d":
             raise
         msg = f"notice: Open3D offscreen rendering unavailable ({e}); using the bird's-eye matplotlib-free fallback"
-        (notice or (lambda m: print(m, file=sys.stderr)))(msg)
+        if notice is None:
+            log.warning(msg)
+        else:
+            notice(msg)
         return BEVRenderer(width, height)

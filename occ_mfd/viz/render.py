@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from occ_mfd.atomic import atomic_path
-from occ_mfd.grid import FREE_ID, PALETTE
+from occ_mfd.grid import FREE_ID, KEYFRAME_DT_S, PALETTE
 from occ_mfd.viz.backends import BEVRenderer, Open3DRenderer, RendererUnavailable, make_renderer  # noqa: F401
 from occ_mfd.viz.forecast_io import ForecastRecord
 from occ_mfd.viz.geometry import ERR_FREE, ERROR_NAMES, ERROR_PALETTE, error_labels, legend_entries
@@ -21,10 +21,9 @@ from occ_mfd.viz.geometry import ERR_FREE, ERROR_NAMES, ERROR_PALETTE, error_lab
 VIEWS = ("past", "gt", "pred", "error")
 VIEW_TITLES = {"past": "past (observed)", "gt": "ground-truth future", "pred": "prediction",
                "error": "error (pred vs GT)"}
-FRAME_DT_S = 0.5
 
 
-def frame_time_s(t: int, num_past: int, dt: float = FRAME_DT_S) -> float:
+def frame_time_s(t: int, num_past: int, dt: float = KEYFRAME_DT_S) -> float:
     """Seconds of time step ``t`` relative to the current (last observed) frame, index ``num_past - 1``."""
     return (t - (num_past - 1)) * dt
 
@@ -58,6 +57,17 @@ def _draw(renderer, grid_kind, rec, camera, classes):
     return renderer.render(grid, rec.grid, camera, palette=PALETTE, hide=(FREE_ID,), classes=classes)
 
 
+def _figure(figsize: tuple[float, float], dpi: int):
+    """A standalone matplotlib figure drawn by the Agg canvas: no pyplot (no global figure registry to
+    close), and the process's matplotlib backend is left as the caller set it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def render_sequence(rec: ForecastRecord, renderer=None, camera: str = "bev", views=None, classes=None,
                     panel_size=(480, 360), dpi: int = 100, progress: bool = True) -> list[np.ndarray]:
     """Render every time step (P past + F future) of ``rec`` as one composed RGB image (H, W, 3) uint8.
@@ -67,9 +77,6 @@ def render_sequence(rec: ForecastRecord, renderer=None, camera: str = "bev", vie
         views: subset of ("past", "gt", "pred", "error"); default all, or past/gt without a prediction.
         classes: optional class-id filter for the semantic views.
     """
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
     views = tuple(views) if views else (VIEWS if rec.pred is not None else ("past", "gt"))
@@ -85,8 +92,8 @@ def render_sequence(rec: ForecastRecord, renderer=None, camera: str = "bev", vie
     try:
         for t in tqdm(range(T), desc="render", disable=not progress, leave=False):
             panels = panel_grids(rec, t, views)
-            fig, axes = plt.subplots(1, len(views), figsize=(len(views) * panel_size[0] / dpi,
-                                                             panel_size[1] / dpi + 1.1), dpi=dpi, squeeze=False)
+            fig = _figure((len(views) * panel_size[0] / dpi, panel_size[1] / dpi + 1.1), dpi)
+            axes = fig.subplots(1, len(views), squeeze=False)
             for ax, v in zip(axes[0], views):
                 ax.set_axis_off()
                 if panels[v] is None:
@@ -110,7 +117,6 @@ def render_sequence(rec: ForecastRecord, renderer=None, camera: str = "bev", vie
             fig.subplots_adjust(left=0.01, right=0.99, bottom=0.03 + 0.045 * rows, top=0.86, wspace=0.03)
             fig.canvas.draw()
             frames.append(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
-            plt.close(fig)
     finally:
         if own:
             renderer.close()

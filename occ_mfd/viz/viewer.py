@@ -3,9 +3,15 @@ machine :class:`ViewerState` (what is shown; tested without a window).
 
 Keys: ←/→ step in time · space play/pause · 1–4 past / GT future / prediction / error · C cycle a class
 filter · B bird's-eye / chase camera · S save a screenshot · H print this help.
+
+Messages (what is shown, play/pause, saved screenshots, this help) go to the ``logging`` logger
+``occ_mfd.viz.viewer`` at INFO; ``visualize/view.py`` prints them.
 """
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +23,12 @@ from occ_mfd.viz.geometry import (ERR_FREE, ERROR_NAMES, ERROR_PALETTE, camera_p
                                   exposed_faces, legend_entries, voxel_centers)
 from occ_mfd.viz.render import VIEWS, frame_time_s, panel_grids
 
+log = logging.getLogger(__name__)
+
 HELP = __doc__.split("\n\n")[1]
 # GLFW key codes (what VisualizerWithKeyCallback passes through).
 KEY_RIGHT, KEY_LEFT, KEY_SPACE = 262, 263, 32
+PLAY_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -71,6 +80,58 @@ class ViewerState:
         cls = None if self.class_filter is None else [self.class_filter]
         return grid, PALETTE, (FREE_ID,), cls, title + ("" if cls is None else f" [{OCC3D_CLASSES[cls[0]]}]")
 
+    def status(self) -> str:
+        """One line on what is shown now: the view's title, or that the view is empty at this time."""
+        cur = self.current()
+        if cur is not None:
+            return cur[-1]
+        return f"{self.view}: nothing at t={frame_time_s(self.t, self.rec.num_past):+.1f}s (history)"
+
+    def help_text(self) -> str:
+        """The key help and the colours of the classes present (and of the error view)."""
+        names = [f"{OCC3D_CLASSES[i]}={tuple(PALETTE[i])}" for i in self.classes_present]
+        errors = [f"{ERROR_NAMES[i]}={tuple(ERROR_PALETTE[i])}" for i in range(1, 5)]
+        return f"{HELP}\nclasses: {', '.join(names)}\nerror view: {', '.join(errors)}"
+
+
+def key_callbacks(st: ViewerState, redraw: Callable[[bool], None], capture: Callable[[Path], None],
+                  screenshot_dir: str | Path = ".") -> dict[int, Callable[[object], bool]]:
+    """The viewer's keys, display-free: GLFW key code → Open3D key callback ``cb(vis) -> bool``.
+
+    Each callback updates ``st``, draws through ``redraw(reset_camera)`` or ``capture(png_path)`` and logs
+    what it did (logger ``occ_mfd.viz.viewer``, INFO).
+    """
+    def show(fn, reset=False):
+        def cb(_vis):
+            fn()
+            redraw(reset)
+            log.info(st.status())
+            return True
+        return cb
+
+    def play(_vis):
+        st.playing = not st.playing
+        log.info("playing" if st.playing else "paused")
+        return False
+
+    def shot(_vis):
+        path = Path(screenshot_dir) / f"occ_view_{st.shots:03d}.png"
+        st.shots += 1
+        capture(path)
+        log.info("saved %s", path)
+        return False
+
+    def help_(_vis):
+        log.info(st.help_text())
+        return False
+
+    keys = {KEY_RIGHT: show(lambda: st.step(1)), KEY_LEFT: show(lambda: st.step(-1)), KEY_SPACE: play,
+            ord("C"): show(st.cycle_class), ord("B"): show(st.toggle_camera, reset=True), ord("S"): shot,
+            ord("H"): help_}
+    for k in range(1, 5):
+        keys[ord(str(k))] = show(lambda k=k: st.set_view(k))
+    return keys
+
 
 def run_viewer(rec: ForecastRecord, screenshot_dir: str | Path = ".", width: int = 1280, height: int = 800):
     """Open the interactive window (needs a display). Blocks until the window is closed."""
@@ -81,13 +142,13 @@ def run_viewer(rec: ForecastRecord, screenshot_dir: str | Path = ".", width: int
     if not vis.create_window(window_name="occ-mfd viewer", width=width, height=height):
         raise RuntimeError("could not open a window (no display?); use --render out.gif for headless output")
     vis.get_render_option().light_on = False
-    state = {"last": 0.0}
+    last_step = [0.0]
 
     def redraw(reset_camera=False):
         vis.clear_geometries()
         cur = st.current()
         if cur is not None:
-            sem, pal, hide, cls, title = cur
+            sem, pal, hide, cls, _ = cur
             c, _, col = voxel_centers(sem, rec.grid, hide=hide, classes=cls, palette=pal)
             if len(c):
                 keep = ~np.isin(sem, hide) if cls is None else np.isin(sem, cls)
@@ -96,16 +157,12 @@ def run_viewer(rec: ForecastRecord, screenshot_dir: str | Path = ".", width: int
                                                  o3d.utility.Vector3iVector(m.triangles.astype(np.int32)))
                 mesh.vertex_colors = o3d.utility.Vector3dVector(m.colors / 255.0)
                 vis.add_geometry(mesh, reset_bounding_box=reset_camera)
-            print(title, flush=True)
-        else:
-            print(f"{st.view}: nothing at t={frame_time_s(st.t, rec.num_past):+.1f}s (history)", flush=True)
         corners, edges = ego_box()
         ls = o3d.geometry.LineSet(o3d.utility.Vector3dVector(corners), o3d.utility.Vector2iVector(edges))
         ls.paint_uniform_color([0, 0, 0])
         vis.add_geometry(ls, reset_bounding_box=False)
         if reset_camera:
             set_camera()
-        return False
 
     def set_camera():
         cam = camera_preset(st.camera, rec.grid)
@@ -115,51 +172,21 @@ def run_viewer(rec: ForecastRecord, screenshot_dir: str | Path = ".", width: int
         ctr.set_up(cam.up)
         ctr.set_zoom(0.45 if st.camera == "bev" else 0.3)
 
-    def key(fn, reset=False):
-        def cb(_vis):
-            fn()
-            redraw(reset)
-            return True
-        return cb
-
-    def play(_vis):
-        st.playing = not st.playing
-        print("playing" if st.playing else "paused", flush=True)
-        return False
-
     def animate(_vis):
-        import time
-        if st.playing and time.time() - state["last"] > 0.5:
-            state["last"] = time.time()
+        if st.playing and time.time() - last_step[0] > PLAY_INTERVAL_S:
+            last_step[0] = time.time()
             st.step(1)
             redraw()
+            log.info(st.status())
             return True
         return False
 
-    def shot(_vis):
-        path = Path(screenshot_dir) / f"occ_view_{st.shots:03d}.png"
-        st.shots += 1
-        vis.capture_screen_image(str(path), do_render=True)
-        print(f"saved {path}", flush=True)
-        return False
-
-    def legend():
-        names = [f"{OCC3D_CLASSES[i]}={tuple(PALETTE[i])}" for i in st.classes_present]
-        print("classes: " + ", ".join(names))
-        print("error view: " + ", ".join(f"{ERROR_NAMES[i]}={tuple(ERROR_PALETTE[i])}" for i in range(1, 5)))
-
-    vis.register_key_callback(KEY_RIGHT, key(lambda: st.step(1)))
-    vis.register_key_callback(KEY_LEFT, key(lambda: st.step(-1)))
-    vis.register_key_callback(KEY_SPACE, play)
-    for k in range(1, 5):
-        vis.register_key_callback(ord(str(k)), key(lambda k=k: st.set_view(k)))
-    vis.register_key_callback(ord("C"), key(st.cycle_class))
-    vis.register_key_callback(ord("B"), key(st.toggle_camera, reset=True))
-    vis.register_key_callback(ord("S"), shot)
-    vis.register_key_callback(ord("H"), lambda _v: (print(HELP), legend(), False)[-1])
+    capture = lambda path: vis.capture_screen_image(str(path), do_render=True)
+    for code, cb in key_callbacks(st, redraw, capture, screenshot_dir).items():
+        vis.register_key_callback(code, cb)
     vis.register_animation_callback(animate)
-    print(HELP)
-    legend()
+    log.info(st.help_text())
     redraw(reset_camera=True)
+    log.info(st.status())
     vis.run()
     vis.destroy_window()

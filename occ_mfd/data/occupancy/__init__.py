@@ -3,8 +3,9 @@
 Pipeline (``accumulate.py`` once per scene, ``generate.py`` per keyframe):
 
 1. Every LIDAR_TOP sweep (keyframes and the sweeps between them) is read; the ego vehicle's own returns
-   are dropped per sweep (``points.EGO_BOX``: x ∈ [-1.2, 3.6], y ∈ [-1.1, 1.1], z ∈ [-0.5, 2.2] m in the
-   ego frame, mapped by that sweep's sensor2ego — this also drops the zero-range returns at the sensor).
+   are dropped per sweep: the points inside ``occ_mfd.ego.NUSCENES_EGO.removal_box`` (``points.EGO_BOX``;
+   its bounds and their reasons are documented in :mod:`occ_mfd.ego`) in the ego frame, mapped by that
+   sweep's sensor2ego — this also drops the zero-range returns at the sensor.
 2. Points inside an annotated box (enlarged by 0.2 m; boxes for non-key sweeps are the devkit's
    interpolation) go to that **instance**, stored in the box's own frame; points within 0.15 m of a box
    bottom without a lidarseg label are taken as road. Everything else is **static** (global frame).

@@ -14,7 +14,8 @@ import numpy as np
 from occ_mfd.data.index import load_index
 from occ_mfd.data.occ3d import labels_path, read_labels
 from occ_mfd.data.occupancy.points import points_in_box
-from occ_mfd.grid import DYNAMIC_CLASSES, FREE_ID, NUM_CLASSES, NUM_SEMANTIC, OCC3D_CLASSES
+from occ_mfd.grid import DYNAMIC_CLASSES, FREE_ID, NUM_CLASSES, OCC3D_CLASSES
+from occ_mfd.scores import confusion_matrix, iou_from_confusion
 
 
 @dataclass
@@ -37,13 +38,6 @@ class QualityReport:
         return (f"{self.frames} frames: IoU {100 * self.iou:.1f}, mIoU {100 * self.miou:.1f} "
                 f"| trails {self.trail_voxels}/{self.dynamic_voxels} dynamic voxels ({self.trail_pct:.2f} %)\n"
                 f"  per class: {pc}")
-
-
-def confusion(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(18, 18) counts [truth, pred] over voxels where ``mask`` is set."""
-    m = mask.astype(bool)
-    return np.bincount(truth[m].astype(np.int64) * NUM_CLASSES + pred[m], minlength=NUM_CLASSES ** 2
-                       ).reshape(NUM_CLASSES, NUM_CLASSES)
 
 
 def trail_count(sem: np.ndarray, grid, boxes, ego2global: np.ndarray) -> tuple[int, int]:
@@ -73,17 +67,10 @@ def compare_to_truth(pred_root, truth_root, boxes_by_token=None, progress: bool 
         for f in s.frames:
             p = read_labels(labels_path(pred_root, s.name, f.token), index.grid)
             t = read_labels(labels_path(truth_root, s.name, f.token), index.grid)
-            cm += confusion(p.semantics, t.semantics, p.mask_lidar)
+            cm += confusion_matrix(p.semantics, t.semantics, NUM_CLASSES, mask=p.mask_lidar).numpy()
             if boxes_by_token is not None:
                 d, tr = trail_count(p.semantics, index.grid, boxes_by_token.get(f.token, []), f.ego2global)
                 dyn, trail = dyn + d, trail + tr
             n += 1
-    occ_t = np.ones(NUM_CLASSES, bool)
-    occ_t[FREE_ID] = False
-    tp_occ = cm[np.ix_(occ_t, occ_t)].sum()
-    iou = tp_occ / max(1, cm[occ_t].sum() + cm[:, occ_t].sum() - tp_occ)
-    tp = np.diag(cm)[:NUM_SEMANTIC].astype(np.float64)
-    denom = (cm.sum(0) + cm.sum(1) - np.diag(cm))[:NUM_SEMANTIC].astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per = np.where(denom > 0, tp / denom, np.nan)
-    return QualityReport(n, float(iou), per, float(np.nanmean(per)), dyn, trail)
+    iou, per, miou = iou_from_confusion(cm, FREE_ID)  # in %
+    return QualityReport(n, iou / 100, per / 100, miou / 100, dyn, trail)

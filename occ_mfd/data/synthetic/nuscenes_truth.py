@@ -1,4 +1,4 @@
-"""Write the simulator's exact occupancy truth in the prepared-occupancy layout (DESIGN.md, "Data layout").
+"""Write the simulator's exact occupancy truth in the prepared-occupancy layout (docs/design.md, "Data layout").
 
     <truth_root>/gts/<scene_name>/<sample_token>/labels.npz   semantics, mask_lidar, mask_camera (X, Y, Z) uint8
     <truth_root>/index.json                                    grid, classes, free id, source, scenes → frames

@@ -197,7 +197,7 @@ def simulate_scene(name: str, *, seed: int, num_keyframes: int, sweeps_per_keyfr
         pg = pts[:, :3].astype(np.float64) @ (e2g @ s2e)[:3, :3].T + (e2g @ s2e)[:3, 3]
         annotated = Boxes(dyn.center + [0, 0, ANNOTATION_SLACK[2] / 2], dyn.half + ANNOTATION_SLACK[[1, 0, 2]] / 2,
                           dyn.yaw, dyn.label)
-        for a, (cat, size, tr, static) in enumerate(objs):
+        for a, (_cat, size, tr, static) in enumerate(objs):
             if tr is None:
                 xy, yaw, vel = static[0], static[1], np.zeros(2)
             else:

@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from occ_mfd.data.synthetic.nuscenes_truth import TruthWriter
 from occ_mfd.data.synthetic.nuscenes_writer import write_scenes
+from occ_mfd.data.synthetic.scene import SimScene
+from occ_mfd.data.synthetic.simulate import simulate_scene
 from occ_mfd.grid import OCC3D_GRID, GridSpec
 
 MIN_KEYFRAMES = 10  # the pipeline needs 4 past + 6 future keyframes in one scene
@@ -56,9 +58,7 @@ def split_scenes(names: list[str], seed: int, val_fraction: float) -> dict[str, 
     return {name: ("val" if i in val else "train") for i, name in enumerate(names)}
 
 
-def _simulate(job: tuple) -> object:
-    from occ_mfd.data.synthetic.simulate import simulate_scene  # the simulator's module
-
+def _simulate(job: tuple) -> SimScene:
     name, kw = job
     return simulate_scene(name, **kw)
 

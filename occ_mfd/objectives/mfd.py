@@ -1,14 +1,15 @@
 """Mean Flow Distillation (MFD, arXiv 2606.11155) as an Objective, generic over networks.
 
-Convention (DESIGN.md): t = 0 noise, t = 1 data, x_t = (1 - t) x0 + t x1, v = x1 - x0.
+Convention (docs/design.md): t = 0 noise, t = 1 data, x_t = (1 - t) x0 + t x1, v = x1 - x0.
 
 * Student  G_theta(x0, c) = x0 + student(x0, t = student_time, c): one network evaluation; with
   ``student = copy(teacher)`` and ``student_time = 0`` it starts as the teacher's one-step Euler jump.
 * Aux flow v_phi (init: a copy of the teacher) is trained with ordinary FM on the student's samples
   (same conditioning), so it tracks the student's distribution p_theta.
 * Student update: x1 = G_theta(x0); u1, u2 ~ U(0, 1), s = min, t = max (with probability
-  1 - r_not_equal_t_ratio, s := t); x_s = (1 - s) x0 + s x1; with no gradient, integrate the guided
-  teacher and the aux from x_s over [s, t] by Euler (shared n, per-sample steps <= h) -> mean flows
+  1 - s_neq_t_ratio, s := t); x_s = (1 - s) x0 + s x1; with no gradient, integrate the guided
+  teacher and the aux from x_s over [s, t] by Euler (shared n, per-sample steps <= h = ``max_substep``,
+  the paper's ODE step size, Table 2) -> mean flows
   U_T, U_A. Surrogate (paper Eq. 20, Jacobian omission):
       L = mean((U_A - U_T).detach() * x_s)    =>    dL/dtheta = mean((U_A - U_T) * dx_s/dtheta).
   Sign: gradient descent moves x_s along U_T - U_A. A flow's velocity points toward its data
@@ -16,7 +17,7 @@ Convention (DESIGN.md): t = 0 noise, t = 1 data, x_t = (1 - t) x0 + t x1, v = x1
   its own samples: toward the teacher's distribution. (The authors' convention has noise at t = 1,
   v' = -v, and writes (U'_T - U'_A) * x; the same thing.) ``mean`` over all elements matches the
   authors' code; Adam makes the overall scale irrelevant.
-* s = t everywhere (``r_not_equal_t_ratio = 0``) turns mean flows into instantaneous velocities:
+* s = t everywhere (``s_neq_t_ratio = 0``) turns mean flows into instantaneous velocities:
   the VSD / Diff-Instruct baseline -- see :func:`variational_score_distillation`.
 
 Schedule: ``phase(step)`` is "aux" for ``step % (aux_steps + student_steps) < aux_steps``, else "student":
@@ -30,12 +31,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from occ_mfd.distill.grad_stats import GradientVarianceMeter
-from occ_mfd.engine.objective import LossOutput, Objective
-from occ_mfd.flow.fm_objective import flow_matching_loss
 from occ_mfd.flow.guidance import guided
 from occ_mfd.flow.path import LinearPath
 from occ_mfd.flow.solver import euler_mean_velocity
+from occ_mfd.models.codec import LatentPrepare
+from occ_mfd.models.pipeline import ONE_STEP_SAMPLER
+from occ_mfd.models.snapshot import InferenceParts, snapshot_or_description
+from occ_mfd.objectives.base import LossOutput, Objective
+from occ_mfd.objectives.flow_matching import flow_matching_loss
+from occ_mfd.objectives.grad_stats import GradientVarianceMeter
 
 
 class MeanFlowDistillation(Objective):
@@ -55,18 +59,19 @@ class MeanFlowDistillation(Objective):
         prepare: Callable[[Any], tuple],
         *,
         cfg_scale: float = 1.0,
-        ode_step: float = 0.02,
+        max_substep: float = 0.02,
         aux_steps: int = 9,
         student_steps: int = 1,
-        r_not_equal_t_ratio: float = 1.0,
+        s_neq_t_ratio: float = 1.0,
         student_time: float = 0.0,
-        aux_time_sampler: Callable | None = None,
     ):
         super().__init__()
         if aux_steps < 0 or student_steps < 1:
             raise ValueError(f"need aux_steps >= 0 and student_steps >= 1, got {aux_steps}, {student_steps}")
-        if not 0.0 <= r_not_equal_t_ratio <= 1.0:
-            raise ValueError(f"r_not_equal_t_ratio must be in [0, 1], got {r_not_equal_t_ratio}")
+        if not 0.0 <= s_neq_t_ratio <= 1.0:
+            raise ValueError(f"s_neq_t_ratio must be in [0, 1], got {s_neq_t_ratio}")
+        if max_substep <= 0:
+            raise ValueError(f"max_substep (the paper's h) must be > 0, got {max_substep}")
         if teacher is student or teacher is aux or student is aux:
             raise ValueError("teacher, student and aux must be distinct modules (deep-copy the teacher)")
         self.teacher, self.student, self.aux = teacher, student, aux
@@ -74,11 +79,10 @@ class MeanFlowDistillation(Objective):
         self.teacher.eval()
         self.prepare = prepare
         self.cfg_scale = float(cfg_scale)
-        self.ode_step = float(ode_step)
+        self.max_substep = float(max_substep)
         self.aux_steps, self.student_steps = int(aux_steps), int(student_steps)
-        self.r_not_equal_t_ratio = float(r_not_equal_t_ratio)
+        self.s_neq_t_ratio = float(s_neq_t_ratio)
         self.student_time = float(student_time)
-        self.aux_time_sampler = aux_time_sampler
         # Running gradient statistics of the student updates (logs only; not part of the state).
         self._grad_meter = GradientVarianceMeter(beta=0.99)
 
@@ -86,6 +90,12 @@ class MeanFlowDistillation(Objective):
     def from_teacher(cls, teacher: nn.Module, prepare: Callable, **kwargs) -> "MeanFlowDistillation":
         """Student and aux both start as deep copies of the teacher (the paper's initialisation)."""
         return cls(teacher, copy.deepcopy(teacher), copy.deepcopy(teacher), prepare, **kwargs)
+
+    @property
+    def kind(self) -> str:
+        """What the student is called in tables and snapshots: "vsd" when every interval is degenerate (s = t),
+        else "student". The one place that decides it."""
+        return "vsd" if self.s_neq_t_ratio == 0.0 else "student"
 
     # ---------------------------------------------------------------- contract with the loop
     def train(self, mode: bool = True):
@@ -117,10 +127,10 @@ class MeanFlowDistillation(Objective):
         return x0 + self.student(x0, t, cond)
 
     def sample_interval(self, B: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s, t), each (B,): s = min(u1, u2), t = max(u1, u2); s := t with prob 1 - r_not_equal_t_ratio."""
+        """(s, t), each (B,): s = min(u1, u2), t = max(u1, u2); s := t with prob 1 - s_neq_t_ratio."""
         u = torch.rand(2, B, device=device, dtype=dtype)
         s, t = u.min(0).values, u.max(0).values
-        same = torch.rand(B, device=device) >= self.r_not_equal_t_ratio
+        same = torch.rand(B, device=device) >= self.s_neq_t_ratio
         s = torch.where(same, t, s)
         return s, t
 
@@ -128,8 +138,8 @@ class MeanFlowDistillation(Objective):
     def mean_flows(self, x_s: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: Any):
         """Teacher (guided) and aux mean velocities over [s, t] from x_s: (U_T, U_A, n_substeps)."""
         teacher_v = guided(self.teacher, self.cfg_scale)
-        mt = euler_mean_velocity(lambda x, tau: teacher_v(x, tau, cond), x_s, s, t, self.ode_step)
-        ma = euler_mean_velocity(lambda x, tau: self.aux(x, tau, cond), x_s, s, t, self.ode_step)
+        mt = euler_mean_velocity(lambda x, tau: teacher_v(x, tau, cond), x_s, s, t, self.max_substep)
+        ma = euler_mean_velocity(lambda x, tau: self.aux(x, tau, cond), x_s, s, t, self.max_substep)
         return mt.mean_velocity, ma.mean_velocity, mt.nfe
 
     def student_loss(self, x1: torch.Tensor, x0: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
@@ -153,9 +163,7 @@ class MeanFlowDistillation(Objective):
         if phase == "aux":
             with torch.no_grad():
                 x1 = self.generate(x0, cond)
-            sampler = self.aux_time_sampler
-            t = sampler(B, device=x1.device).to(x1.dtype) if sampler else torch.rand(B, device=x1.device,
-                                                                                   dtype=x1.dtype)
+            t = torch.rand(B, device=x1.device, dtype=x1.dtype)
             loss = flow_matching_loss(self.aux, x1, cond, t)  # fresh noise: the aux learns p_theta's flow
             return LossOutput(loss=loss, logs={"aux_fm_loss": loss.detach()})
         if phase == "student":
@@ -167,9 +175,50 @@ class MeanFlowDistillation(Objective):
 
 
 def variational_score_distillation(teacher, student, aux, prepare, **kwargs) -> MeanFlowDistillation:
-    """VSD / Diff-Instruct baseline: MFD with s = t always (``r_not_equal_t_ratio = 0``), i.e. the
+    """VSD / Diff-Instruct baseline: MFD with s = t always (``s_neq_t_ratio = 0``), i.e. the
     instantaneous velocity difference v_aux(x_t, t) - v_teacher(x_t, t) replaces the mean flows."""
-    if kwargs.get("r_not_equal_t_ratio", 0.0) != 0.0:
-        raise ValueError("VSD is r_not_equal_t_ratio = 0; use MeanFlowDistillation for other ratios")
-    kwargs["r_not_equal_t_ratio"] = 0.0
+    if kwargs.get("s_neq_t_ratio", 0.0) != 0.0:
+        raise ValueError("VSD is s_neq_t_ratio = 0; use MeanFlowDistillation for other ratios")
+    kwargs["s_neq_t_ratio"] = 0.0
     return MeanFlowDistillation(teacher, student, aux, prepare, **kwargs)
+
+
+class OccMeanFlowDistillation(MeanFlowDistillation):
+    """MFD of an OccFM teacher into a one-step student: what ``configs/*/mfd.py`` and ``vsd.py`` build.
+
+    The teacher stage's snapshot gives the frozen teacher network (its EMA weights) and the frozen VAE; student
+    and aux flow start as copies of the teacher network (the paper's initialisation). The student snapshot is a
+    one-step forecaster: x1 = x0 + student(x0, t = 0, cond) is exactly one Euler step on the uniform grid.
+
+    Args:
+        teacher_snapshot / teacher: the teacher stage's snapshot (file or work dir), or (in stored configs) its
+            description.
+        cfg_scale: guidance of the teacher inside the student update (None: the teacher's sampler value).
+        max_substep, aux_steps, student_steps, s_neq_t_ratio, student_time: see :class:`MeanFlowDistillation`
+            (s_neq_t_ratio = 0 is VSD).
+    """
+
+    def __init__(self, teacher_snapshot: str | None = None, teacher: dict | None = None,
+                 cfg_scale: float | None = None, max_substep: float = 0.02, aux_steps: int = 9,
+                 student_steps: int = 1, s_neq_t_ratio: float = 1.0, student_time: float = 0.0):
+        snap, desc = snapshot_or_description(teacher_snapshot, teacher, "teacher", kinds=("teacher",))
+        net = snap.build("net")  # frozen, eval mode
+        prepare = LatentPrepare(snap.codec())
+        # Student and aux: trainable copies (the forecaster has no dropout or batch norm, so modes do not matter).
+        student, aux = copy.deepcopy(net).requires_grad_(True), copy.deepcopy(net).requires_grad_(True)
+        super().__init__(net, student, aux, prepare,
+                         cfg_scale=float(snap.sampler.cfg_scale if cfg_scale is None else cfg_scale),
+                         max_substep=max_substep, aux_steps=aux_steps, student_steps=student_steps,
+                         s_neq_t_ratio=s_neq_t_ratio, student_time=student_time)
+        if self.student_time != 0.0:
+            raise ValueError(f"student_time={self.student_time}: only a jump from t = 0 is a one-step Euler "
+                             f"sampler, which is what the student snapshot is evaluated as")
+        self._portable = {"teacher_snapshot": None, "teacher": desc} if desc is not None else {}
+
+    def portable_config(self) -> dict:
+        return self._portable
+
+    def inference_parts(self) -> InferenceParts:
+        codec = self.prepare.codec
+        return InferenceParts(self.kind, {"vae": codec.vae, "net": self.student}, latent_scale=codec.scale,
+                              sampler=ONE_STEP_SAMPLER)

@@ -4,6 +4,7 @@ An objective is an ``nn.Module`` that owns the networks it trains (and frozen on
 computes a loss; it owns no optimiser. The loop owns optimisers (one per parameter group), AMP,
 clipping, EMA, logging, checkpoints and DDP. Alternating schedules (e.g. MFD's aux:student updates)
 are expressed by :meth:`phase`: at each step exactly one parameter group is updated.
+:meth:`inference_parts` tells the engine what the stage's inference snapshot holds.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from occ_mfd.models.snapshot import InferenceParts
 
 
 @dataclass
@@ -46,6 +49,11 @@ class Objective(nn.Module):
         of an earlier stage's checkpoint by that stage's architecture config (its weights are in this
         objective's state_dict anyway). The loop stores ``{**cfg.objective, **portable_config()}``."""
         return {}
+
+    def inference_parts(self) -> InferenceParts | None:
+        """The networks (live modules; the engine swaps in their EMA weights) and settings that inference needs,
+        written as ``<work_dir>/snapshot.pt`` with every checkpoint. None: the stage writes no snapshot."""
+        return None
 
     def forward(self, batch, phase: str) -> LossOutput:  # noqa: D401 - the loss
         raise NotImplementedError

@@ -1,0 +1,72 @@
+"""The frozen VAE as a codec between occupancy and the latent space the flow models live in.
+
+- :class:`LatentCodec`: occupancy sequences ↔ *scaled* latents (OccFM multiplies VAE latents by 10).
+- :class:`LatentPrepare`: ``prepare(batch) -> (x1, ForecastCond)``, what the flow-matching and distillation
+  objectives call on every batch: future latents as the flow's data x1, past latents and ego poses as its
+  condition.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from occ_mfd.models.forecaster import ForecastCond
+from occ_mfd.models.vae import OccVAE
+
+
+class LatentCodec(nn.Module):
+    """Frozen VAE: ``encode(occ (B, T, X, Y, Z)) -> (B, T, C, H, W)`` scaled latents; ``decode_logits`` inverts.
+
+    ``sample=False`` encodes the posterior mean; ``True`` draws μ + σ·ε (as OccFM caches).
+    """
+
+    def __init__(self, vae: OccVAE, scale: float = 10.0, sample: bool = False):
+        super().__init__()
+        self.vae, self.scale, self.sample = vae, float(scale), sample
+        self.vae.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True):  # the VAE stays in eval mode whatever the parent does
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    @torch.no_grad()
+    def encode(self, occ: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, T, X, Y, Z) ids → (B, T, C, H, W) scaled latents."""
+        B, T = occ.shape[:2]
+        dist = self.vae.encode(occ.flatten(0, 1).long())
+        z = dist.sample(generator) if self.sample else dist.mean
+        return (z * self.scale).unflatten(0, (B, T))
+
+    @torch.no_grad()
+    def decode_logits(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, T, C, H, W) scaled latents → (B, T, K, X, Y, Z) logits."""
+        B, T = latents.shape[:2]
+        return self.vae.decode(latents.flatten(0, 1) / self.scale).unflatten(0, (B, T))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, T, C, H, W) scaled latents → (B, T, X, Y, Z) uint8 class ids (argmax over the classes)."""
+        return logits_to_classes(self.decode_logits(latents))
+
+
+def logits_to_classes(logits: torch.Tensor) -> torch.Tensor:
+    """(B, T, K, X, Y, Z) logits → (B, T, X, Y, Z) uint8 ids (first maximum on ties, as ``argmax``)."""
+    return logits.argmax(dim=2).to(torch.uint8)
+
+
+class LatentPrepare(nn.Module):
+    """``prepare(batch: OccBatch) -> (x1 (B, F, C, H, W), ForecastCond)``.
+
+    An ``nn.Module`` on purpose: an objective that stores it as an attribute (``self.prepare = prepare``)
+    registers the frozen VAE as a submodule, so ``objective.to(device)`` moves it and the objective's
+    checkpoint is self-contained (the VAE has no trainable parameters, so no optimiser or EMA sees it).
+    """
+
+    def __init__(self, codec: LatentCodec):
+        super().__init__()
+        self.codec = codec
+
+    def forward(self, batch):
+        past, fut = self.codec.encode(batch.past), self.codec.encode(batch.future)
+        return fut, ForecastCond(past_latents=past, ego=batch.ego.float())
