@@ -2,7 +2,7 @@
 
 Setting: target = ring of 8 Gaussians (benchmarks/toy2d_gmm.py, exact teacher velocity in closed form),
 x0 ~ N(0, I). Pipeline, using the same objective class as the occupancy student
-(:class:`occ_mfd.distill.mfd.MeanFlowDistillation`):
+(:class:`occ_mfd.objectives.mfd.MeanFlowDistillation`):
 
 1. "teacher fit": an MLP velocity regressed on the exact v*(x_t, t) (t ~ U). Student and aux are copies of
    it (the paper's initialisation); the student is G(x0) = x0 + f(x0, 0), i.e. the teacher-fit's one-step

@@ -62,7 +62,7 @@ def make_batch(args, info, device) -> OccBatch:
         ds = OccSequenceDataset(args.data, args.split, past=info.past, future=info.future, pool=info.pool, mask=None)
         return collate_sequences([ds[0]]).to(device)
     if info.grid is None:
-        raise ValueError(f"checkpoint {info.path} stores no grid; pass --data")
+        raise ValueError(f"snapshot {info.path} stores no grid; pass --data")
     X, Y, Z = info.grid.shape
     T = info.past + info.future
     g = torch.Generator().manual_seed(0)

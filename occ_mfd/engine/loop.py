@@ -3,7 +3,7 @@
 Config schema (mmengine pure-Python config; see ``configs/_base_/README.md``)::
 
     data = dict(type=..., ...)             # a torch Dataset (items collated by train.collate)
-    objective = dict(type=..., ...)        # an Objective; may load earlier stages' checkpoints by path
+    objective = dict(type=..., ...)        # an Objective; may load earlier stages' snapshots by path
     optim = dict(main=dict(lr=2e-5, weight_decay=0.01, betas=(0.9, 0.999), grad_clip=5.0))
                                            # one entry per objective.param_groups(); may override
                                            # warmup_steps / schedule / min_lr_ratio per group
@@ -145,8 +145,8 @@ def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
     ema_of = {g: [n for n, m in ema_modules.items() if any(id(p) in ids for p in m.parameters())]
               for g, ids in group_ids.items()}
 
-    # The config stored in checkpoints: earlier stages' checkpoint paths replaced by their configs, so that a
-    # checkpoint rebuilds without the files it was trained from (tools/eval.py CKPT needs nothing else).
+    # The config stored in checkpoints and snapshots: earlier stages' snapshot paths replaced by their
+    # descriptions, so that a checkpoint rebuilds without the files it was trained from.
     cfg = _portable(cfg, objective)
     step, guard = 0, {"consecutive": 0, "skipped": 0}
     if ckpt is not None:
