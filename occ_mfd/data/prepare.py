@@ -1,27 +1,22 @@
 """The ``prepare`` job: nuScenes dataroot → ``<out>/gts/<scene>/<token>/labels.npz`` + ``index.json``.
 
-Parallel over scenes (one worker accumulates a scene once and writes all its keyframes), resumable
+Parallel over scenes (one worker process accumulates a scene once and writes all its keyframes; see
+:mod:`occ_mfd.data.worker_pool` for the workers and their threads), resumable
 (a frame whose file exists and validates is skipped; writes are atomic, stale temp files are removed),
 shardable (``shard=(k, n)``: scenes ``i`` with ``i % n == k`` of the sorted scene list; each shard writes
 ``index.shard-k-of-n.json``; when all ``n`` exist they are merged into ``index.json``).
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import io
 import logging
-import multiprocessing as mp
 import os
-import pickle
 import time
-import traceback
 from dataclasses import dataclass, field
-from multiprocessing import connection
-from multiprocessing.pool import RemoteTraceback
 from pathlib import Path
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from occ_mfd.data.index import DatasetIndex, FrameEntry, SceneEntry, load_index, merge_indexes, save_index
@@ -29,6 +24,7 @@ from occ_mfd.data.nuscenes import NuScenesSource, SceneRecord
 from occ_mfd.data.occ3d import labels_path, read_labels, write_labels
 from occ_mfd.data.occupancy.accumulate import AccumulatorConfig, accumulate_scene
 from occ_mfd.data.occupancy.generate import FrameConfig, keyframe_occupancy
+from occ_mfd.data.worker_pool import imap_unordered
 from occ_mfd.grid import OCC3D_GRID, GridSpec
 
 log = logging.getLogger(__name__)
@@ -127,125 +123,13 @@ def prepare_scene(src: NuScenesSource, name: str, out: Path, cfg: PrepareConfig,
     return res
 
 
-# Parallel runs use worker processes of our own rather than ``multiprocessing.Pool``: a Pool task cannot
-# reach per-worker state except through a module global set by its initializer, while a worker loop of
-# our own keeps the devkit object in a local variable of :func:`_worker_main`: built once per worker
-# process (or inherited from the caller under fork, passed explicitly), gone with that process at the
-# end of the call, never visible to another call. Scenes are handed out one at a time over a pipe per
-# worker (dynamic balancing, as ``imap_unordered``); a worker that dies is noticed (EOF on its pipe)
-# instead of hanging the run.
-
-#: OpenMP reads it once, when it is loaded, to size its thread pool; a worker also takes it as the thread
-#: count of every numeric library it has loaded (:func:`_limit_worker_threads`).
-_THREAD_ENV = "OMP_NUM_THREADS"
+def _prepare_task(job: tuple, src: NuScenesSource, name: str) -> SceneResult:
+    """One scene in a worker process (``job`` = (out, cfg, skip_bad); ``src`` is the worker's own)."""
+    return prepare_scene(src, name, *job)
 
 
-@dataclass(frozen=True)
-class _WorkerJob:
-    """What a worker process needs besides the scene names (picklable, for the spawn start method)."""
-
-    dataroot: str
-    version: str
-    out: Path
-    cfg: PrepareConfig
-    skip_bad: bool
-
-
-@contextlib.contextmanager
-def _single_threaded_children():
-    """``OMP_NUM_THREADS=1`` (unless already set) in the environment of processes started inside, and
-    the parent's environment restored on exit. OpenMP and BLAS size their thread pools when they are
-    loaded, so this must be in place before a worker starts (a spawned worker imports numpy itself)."""
-    old = os.environ.get(_THREAD_ENV)
-    if old is None:
-        os.environ[_THREAD_ENV] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(_THREAD_ENV, None)
-
-
-def _limit_worker_threads() -> None:
-    """In a worker process (private to it, so nothing to restore): resize the thread pools of the
-    numeric libraries already loaded — a forked worker inherits them sized for the parent — to
-    ``OMP_NUM_THREADS`` (1 unless the user set it); parallelism is across scenes."""
-    try:
-        n = max(1, int(os.environ.get(_THREAD_ENV, "1")))
-    except ValueError:
-        n = 1
-    threadpool_limits(limits=n)
-
-
-def _worker_main(conn, job: _WorkerJob, src: NuScenesSource | None) -> None:
-    """A worker's loop: receive a scene name (None: stop), prepare it, answer ``("ok", SceneResult)`` or
-    ``("error", (exception, traceback text))`` — exactly one answer per name."""
-    _limit_worker_threads()
-    while (name := conn.recv()) is not None:
-        try:
-            if src is None:
-                src = NuScenesSource(job.dataroot, job.version)   # once per worker process
-            msg = ("ok", prepare_scene(src, name, job.out, job.cfg, job.skip_bad))
-        except Exception as e:  # noqa: BLE001 - handed to the parent, which raises it
-            msg = ("error", (_picklable(e), traceback.format_exc()))
-        conn.send(msg)
-
-
-def _picklable(e: BaseException) -> BaseException:
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:  # noqa: BLE001 - any pickling failure
-        return RuntimeError(f"{type(e).__name__}: {e}")
-
-
-def _prepare_parallel(names: list[str], job: _WorkerJob, workers: int, src: NuScenesSource):
-    """Yield each scene's :class:`SceneResult` as the workers finish them (any order). A worker's
-    exception is raised here (its traceback chained, as ``multiprocessing.Pool`` does); the workers are
-    stopped (terminated, when the run did not finish) before this generator returns or is closed."""
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    inherit = src if ctx.get_start_method() == "fork" else None   # spawn: each worker builds its own
-    procs, busy, finished = [], {}, False
-    todo = iter(names)
-
-    def hand_out(p, conn):
-        name = next(todo, None)
-        conn.send(name)
-        if name is not None:
-            busy[conn] = (p, name)
-
-    try:
-        with _single_threaded_children():
-            for _ in range(min(workers, len(names))):
-                here, there = ctx.Pipe()
-                p = ctx.Process(target=_worker_main, args=(there, job, inherit), daemon=True)
-                p.start()
-                there.close()           # drop our copy: the worker's end must reach EOF when it dies
-                procs.append((p, here))
-        for p, conn in procs:
-            hand_out(p, conn)
-        while busy:
-            for conn in connection.wait(list(busy)):
-                p, name = busy.pop(conn)
-                try:
-                    status, value = conn.recv()
-                except (EOFError, ConnectionError):    # its end closed: the process is gone
-                    p.join(5)
-                    raise RuntimeError(f"prepare: the worker preparing {name} died "
-                                       f"(exit code {p.exitcode})") from None
-                if status == "error":
-                    exc, tb = value
-                    raise exc from RemoteTraceback(tb)
-                yield value
-                hand_out(p, conn)
-        finished = True
-    finally:
-        for p, conn in procs:
-            if not finished and p.is_alive():
-                p.terminate()
-            conn.close()
-        for p, _ in procs:
-            p.join()
+def _open_source(dataroot: str, version: str) -> NuScenesSource:
+    return NuScenesSource(dataroot, version)
 
 
 def source_dict(src: NuScenesSource, cfg: PrepareConfig) -> dict:
@@ -277,8 +161,10 @@ def run_prepare(dataroot, version, out, cfg: PrepareConfig = PrepareConfig(), sc
             results.append(prepare_scene(src, n, out, cfg, skip_bad))
             bar.update(nkf[n])
     else:
-        job = _WorkerJob(str(dataroot), version, out, cfg, skip_bad)
-        for r in _prepare_parallel(names, job, workers, src):
+        # The devkit index is built once per worker process (or shared from ours under fork), never per scene.
+        task = functools.partial(_prepare_task, (out, cfg, skip_bad))
+        init = functools.partial(_open_source, str(dataroot), version)
+        for r in imap_unordered(task, names, init, workers, inherit=src, describe=lambda n: f"scene {n}"):
             results.append(r)
             bar.update(nkf[r.name])
     bar.close()
