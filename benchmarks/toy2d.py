@@ -10,8 +10,9 @@ x0 ~ N(0, I). Pipeline, using the same objective class as the occupancy student
 2. aux warm-up: ``--aux-warmup`` aux-only updates on the initial student's samples, so the aux tracks p_theta
    before the first student update (both methods start from this same state).
 3. gradient variance at that state (same student params, frozen aux): for R repetitions, the same x0 batch
-   and the same two uniforms (common random numbers) give one MFD gradient (s = min, t = max) and one VSD
-   gradient (s = t = max); variance = trace of the gradient covariance over repetitions.
+   and the same uniforms and fresh noise (common random numbers) give one MFD gradient (s = min, t = max) and
+   one VSD gradient (Diff-Instruct: s = t = u1 ~ U(0, 1)); variance = trace of the gradient covariance over
+   repetitions.
 4. MFD and VSD training (Adam over ``param_groups()``, phase by ``phase(step)``), then energy distances of
    student samples to target samples, next to the floor: exact-ODE samples (many Euler steps) vs target.
 
@@ -91,14 +92,15 @@ def vsd_at_s_grad(obj, x_like):
     x0 = torch.randn_like(x_like)
     x1 = obj.generate(x0, None)
     s, _ = obj.sample_interval(x_like.shape[0], x1.device, x1.dtype)
-    obj.student_loss(x1, x0, s, s, None)[0].backward()
+    n = torch.randn_like(x0) if obj.noise == "fresh" else x0
+    obj.student_loss(x1, n, s, s, None)[0].backward()
     return torch.cat([p.grad.reshape(-1) for p in obj.param_groups()["student"]]).clone()
 
 
 def gradient_variance(mfd, vsd, reps, batch, seed):
     """Trace of gradient covariance over repetitions with common random numbers (same x0, same uniforms).
 
-    ``vsd``: the VSD objective (s = t = max(u1, u2), as its phase draws them). ``vsd_at_s``: a control with
+    ``vsd``: the VSD objective (s = t = u1 ~ U(0, 1), as its phase draws them). ``vsd_at_s``: a control with
     s = t = min(u1, u2), i.e. MFD's own x_s, which separates the mean-flow effect from the dx_s/dtheta = s
     scale (VSD's x_t sits nearer the data, so its raw gradients are larger)."""
     x_like = torch.zeros(batch, 2)

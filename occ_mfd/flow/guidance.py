@@ -38,20 +38,22 @@ def guided(net: Callable, scale: float, fused: bool = True) -> Callable[[torch.T
     ``fused``: the conditional and unconditional passes are one forward of batch 2B with
     ``drop_cond = [False]*B + [True]*B``; otherwise two forwards of batch B (cond, then uncond), the slow
     reference the speed protocol compares against. ``scale == 1`` is a single conditional pass (no drop_cond).
+    The velocity comes back in ``x``'s dtype: under autocast the network may compute in bf16, but the
+    guidance combination and the solver state stay in the caller's precision (fp32).
     """
     scale = float(scale)
 
     def velocity(x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         if scale == 1.0:
-            return net(x, t, cond)
+            return net(x, t, cond).to(x.dtype)
         B = x.shape[0]
         if not fused:
-            v_c = net(x, t, cond)
-            v_u = net(x, t, cond, drop_cond=torch.ones(B, dtype=torch.bool, device=x.device))
+            v_c = net(x, t, cond).to(x.dtype)
+            v_u = net(x, t, cond, drop_cond=torch.ones(B, dtype=torch.bool, device=x.device)).to(x.dtype)
             return v_u + scale * (v_c - v_u)
         drop = torch.zeros(2 * B, dtype=torch.bool, device=x.device)
         drop[B:] = True
-        v = net(torch.cat([x, x]), torch.cat([t, t]), repeat_batch(cond, 2), drop_cond=drop)
+        v = net(torch.cat([x, x]), torch.cat([t, t]), repeat_batch(cond, 2), drop_cond=drop).to(x.dtype)
         v_c, v_u = v[:B], v[B:]
         return v_u + scale * (v_c - v_u)
 

@@ -32,11 +32,12 @@ class LatentCodec(nn.Module):
 
     @torch.no_grad()
     def encode(self, occ: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, T, X, Y, Z) ids → (B, T, C, H, W) scaled latents."""
+        """(B, T, X, Y, Z) ids → (B, T, C, H, W) scaled latents, float32 even under autocast (latents are flow
+        state: the solvers and the time embedding must not see bf16)."""
         B, T = occ.shape[:2]
         dist = self.vae.encode(occ.flatten(0, 1).long())
         z = dist.sample(generator) if self.sample else dist.mean
-        return (z * self.scale).unflatten(0, (B, T))
+        return (z.float() * self.scale).unflatten(0, (B, T))
 
     @torch.no_grad()
     def decode_logits(self, latents: torch.Tensor) -> torch.Tensor:

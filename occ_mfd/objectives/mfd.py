@@ -7,7 +7,11 @@ Convention (docs/design.md): t = 0 noise, t = 1 data, x_t = (1 - t) x0 + t x1, v
 * Aux flow v_phi (init: a copy of the teacher) is trained with ordinary FM on the student's samples
   (same conditioning), so it tracks the student's distribution p_theta.
 * Student update: x1 = G_theta(x0); u1, u2 ~ U(0, 1), s = min, t = max (with probability
-  1 - s_neq_t_ratio, s := t); x_s = (1 - s) x0 + s x1; with no gradient, integrate the guided
+  1 - s_neq_t_ratio, s := t, see ``vsd_time``); x_s = (1 - s) n + s x1 with **fresh** noise n ~ N(0, I),
+  independent of x0, as the authors' code does (happyw1nd/MFD, ``train_sana_mfd.py``: ``noise_for_Z``) and
+  as the aux flow is trained: x_s is then distributed as the student's noised marginal p_theta,s, which is
+  where the aux's velocity describes p_theta (``noise="coupled"``, n = x0, is kept as an ablation: it queries
+  both fields off that marginal). With no gradient, integrate the guided
   teacher and the aux from x_s over [s, t] by Euler (shared n, per-sample steps <= h = ``max_substep``,
   the paper's ODE step size, Table 2) -> mean flows
   U_T, U_A. Surrogate (paper Eq. 20, Jacobian omission):
@@ -17,8 +21,13 @@ Convention (docs/design.md): t = 0 noise, t = 1 data, x_t = (1 - t) x0 + t x1, v
   its own samples: toward the teacher's distribution. (The authors' convention has noise at t = 1,
   v' = -v, and writes (U'_T - U'_A) * x; the same thing.) ``mean`` over all elements matches the
   authors' code; Adam makes the overall scale irrelevant.
-* s = t everywhere (``s_neq_t_ratio = 0``) turns mean flows into instantaneous velocities:
-  the VSD / Diff-Instruct baseline -- see :func:`variational_score_distillation`.
+* s = t everywhere (``s_neq_t_ratio = 0``) turns mean flows into instantaneous velocities: the
+  VSD / Diff-Instruct baseline (Luo et al. 2023; Wang et al. 2023), with t ~ U(0, 1) (``vsd_time="uniform"``)
+  and fresh noise: L = mean(sg(v_A - v_T)(x_t, t) * x_t), dL/dx1 = t (v_A - v_T). ``vsd_time="max2"`` keeps
+  this project's earlier variant, t = max of two uniforms (density 2t), as an ablation.
+* Precision: under autocast only the network calls run in bf16. Latents, times, noise and every solver state
+  (Euler x, tau, the mean-velocity sum, the CFG combination) stay fp32, so training sees the same time
+  embeddings as fp32 evaluation.
 
 Schedule: ``phase(step)`` is "aux" for ``step % (aux_steps + student_steps) < aux_steps``, else "student":
 each cycle starts with the aux updates (so the aux has tracked the current student before it is used).
@@ -64,8 +73,14 @@ class MeanFlowDistillation(Objective):
         student_steps: int = 1,
         s_neq_t_ratio: float = 1.0,
         student_time: float = 0.0,
+        noise: str = "fresh",
+        vsd_time: str = "uniform",
     ):
         super().__init__()
+        if noise not in ("fresh", "coupled"):
+            raise ValueError(f"noise must be 'fresh' (the authors') or 'coupled' (ablation), got {noise!r}")
+        if vsd_time not in ("uniform", "max2"):
+            raise ValueError(f"vsd_time must be 'uniform' (Diff-Instruct) or 'max2' (ablation), got {vsd_time!r}")
         if aux_steps < 0 or student_steps < 1:
             raise ValueError(f"need aux_steps >= 0 and student_steps >= 1, got {aux_steps}, {student_steps}")
         if not 0.0 <= s_neq_t_ratio <= 1.0:
@@ -83,6 +98,7 @@ class MeanFlowDistillation(Objective):
         self.aux_steps, self.student_steps = int(aux_steps), int(student_steps)
         self.s_neq_t_ratio = float(s_neq_t_ratio)
         self.student_time = float(student_time)
+        self.noise, self.vsd_time = noise, vsd_time
         # Running gradient statistics of the student updates (logs only; not part of the state).
         self._grad_meter = GradientVarianceMeter(beta=0.99)
 
@@ -126,26 +142,29 @@ class MeanFlowDistillation(Objective):
         t = torch.full((x0.shape[0],), self.student_time, device=x0.device, dtype=x0.dtype)
         return x0 + self.student(x0, t, cond)
 
-    def sample_interval(self, B: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s, t), each (B,): s = min(u1, u2), t = max(u1, u2); s := t with prob 1 - s_neq_t_ratio."""
+    def sample_interval(self, B: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, t), each (B,): s = min(u1, u2), t = max(u1, u2); with prob 1 - s_neq_t_ratio a degenerate
+        interval s = t = u1 ~ U(0, 1) (``vsd_time="uniform"``) or s = t = max(u1, u2) (``"max2"``)."""
         u = torch.rand(2, B, device=device, dtype=dtype)
         s, t = u.min(0).values, u.max(0).values
         same = torch.rand(B, device=device) >= self.s_neq_t_ratio
-        s = torch.where(same, t, s)
-        return s, t
+        point = u[0] if self.vsd_time == "uniform" else t
+        return torch.where(same, point, s), torch.where(same, point, t)
 
     @torch.no_grad()
     def mean_flows(self, x_s: torch.Tensor, s: torch.Tensor, t: torch.Tensor, cond: Any):
         """Teacher (guided) and aux mean velocities over [s, t] from x_s: (U_T, U_A, n_substeps)."""
         teacher_v = guided(self.teacher, self.cfg_scale)
         mt = euler_mean_velocity(lambda x, tau: teacher_v(x, tau, cond), x_s, s, t, self.max_substep)
-        ma = euler_mean_velocity(lambda x, tau: self.aux(x, tau, cond), x_s, s, t, self.max_substep)
+        aux_v = guided(self.aux, 1.0)  # one pass, velocity cast to the fp32 state
+        ma = euler_mean_velocity(lambda x, tau: aux_v(x, tau, cond), x_s, s, t, self.max_substep)
         return mt.mean_velocity, ma.mean_velocity, mt.nfe
 
-    def student_loss(self, x1: torch.Tensor, x0: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
+    def student_loss(self, x1: torch.Tensor, n: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
                      cond: Any) -> tuple[torch.Tensor, dict]:
-        """Surrogate for given student samples x1 (with grad), noise x0 and interval; see module doc."""
-        x_s = LinearPath().interpolate(x0, x1, s)  # (B, ...) carries d/dtheta through x1
+        """Surrogate for given student samples x1 (with grad), the noise n of x_s and the interval; see the
+        module doc."""
+        x_s = LinearPath().interpolate(n, x1, s)  # (B, ...) carries d/dtheta through x1
         U_T, U_A, n = self.mean_flows(x_s.detach(), s, t, cond)
         diff = U_A - U_T  # (B, ...) no grad
         loss = (diff * x_s).mean()  # Eq. 20: gradient (U_A - U_T) dx_s/dtheta
@@ -159,17 +178,20 @@ class MeanFlowDistillation(Objective):
     def forward(self, batch, phase: str) -> LossOutput:
         x_like, cond = self.prepare(batch)[:2]
         B = x_like.shape[0]
-        x0 = torch.randn_like(x_like)
+        # Flow state in at least fp32 whatever autocast does to the latents (fp64 toys stay fp64).
+        dtype = torch.promote_types(x_like.dtype, torch.float32)
+        x0 = torch.randn(x_like.shape, device=x_like.device, dtype=dtype)
         if phase == "aux":
             with torch.no_grad():
                 x1 = self.generate(x0, cond)
-            t = torch.rand(B, device=x1.device, dtype=x1.dtype)
-            loss = flow_matching_loss(self.aux, x1, cond, t)  # fresh noise: the aux learns p_theta's flow
+            t = torch.rand(B, device=x1.device, dtype=dtype)
+            loss = flow_matching_loss(self.aux, x1.to(dtype), cond, t)  # fresh noise: the aux learns p_theta's flow
             return LossOutput(loss=loss, logs={"aux_fm_loss": loss.detach()})
         if phase == "student":
-            x1 = self.generate(x0, cond)
-            s, t = self.sample_interval(B, x1.device, x1.dtype)
-            loss, logs = self.student_loss(x1, x0, s, t, cond)
+            x1 = self.generate(x0, cond).to(dtype)
+            s, t = self.sample_interval(B, x1.device, dtype)
+            n = torch.randn_like(x0) if self.noise == "fresh" else x0
+            loss, logs = self.student_loss(x1, n, s, t, cond)
             return LossOutput(loss=loss, logs=logs)
         raise ValueError(f"unknown phase {phase!r}; expected 'aux' or 'student'")
 
@@ -194,13 +216,14 @@ class OccMeanFlowDistillation(MeanFlowDistillation):
         teacher_snapshot / teacher: the teacher stage's snapshot (file or work dir), or (in stored configs) its
             description.
         cfg_scale: guidance of the teacher inside the student update (None: the teacher's sampler value).
-        max_substep, aux_steps, student_steps, s_neq_t_ratio, student_time: see :class:`MeanFlowDistillation`
-            (s_neq_t_ratio = 0 is VSD).
+        max_substep, aux_steps, student_steps, s_neq_t_ratio, student_time, noise, vsd_time: see
+            :class:`MeanFlowDistillation` (s_neq_t_ratio = 0 is VSD / Diff-Instruct).
     """
 
     def __init__(self, teacher_snapshot: str | None = None, teacher: dict | None = None,
                  cfg_scale: float | None = None, max_substep: float = 0.02, aux_steps: int = 9,
-                 student_steps: int = 1, s_neq_t_ratio: float = 1.0, student_time: float = 0.0):
+                 student_steps: int = 1, s_neq_t_ratio: float = 1.0, student_time: float = 0.0,
+                 noise: str = "fresh", vsd_time: str = "uniform"):
         snap, desc = snapshot_or_description(teacher_snapshot, teacher, "teacher", kinds=("teacher",))
         net = snap.build("net")  # frozen, eval mode
         prepare = LatentPrepare(snap.codec())
@@ -209,7 +232,8 @@ class OccMeanFlowDistillation(MeanFlowDistillation):
         super().__init__(net, student, aux, prepare,
                          cfg_scale=float(snap.sampler.cfg_scale if cfg_scale is None else cfg_scale),
                          max_substep=max_substep, aux_steps=aux_steps, student_steps=student_steps,
-                         s_neq_t_ratio=s_neq_t_ratio, student_time=student_time)
+                         s_neq_t_ratio=s_neq_t_ratio, student_time=student_time, noise=noise,
+                         vsd_time=vsd_time)
         if self.student_time != 0.0:
             raise ValueError(f"student_time={self.student_time}: only a jump from t = 0 is a one-step Euler "
                              f"sampler, which is what the student snapshot is evaluated as")
