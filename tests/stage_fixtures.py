@@ -42,7 +42,7 @@ def make_prepared(root: Path, grid: GridSpec, scenes=(("scene-a", "train"), ("sc
     return root
 
 
-def _cfg(data_root, objective, optim, steps):
+def stage_config(data_root, objective, optim, steps):
     return Config(dict(
         data=dict(type="occ_mfd.data.sequences.OccSequenceDataset", root=str(data_root), split="train",
                   past=4, future=6, pool=1, mask=None),
@@ -56,13 +56,13 @@ def train_tiny_stages(tmp: Path) -> tuple[Path, Path]:
     vae = dict(type="occ_mfd.objectives.vae.VAEObjective", max_frames=2,
                vae=dict(type="occ_mfd.models.vae.OccVAE", grid_z=4, channels=(8, 8, 8), latent_channels=4,
                         downsample=2, sparse=False))
-    train(_cfg(data, vae, opt, 2), tmp / "vae")
+    train(stage_config(data, vae, opt, 2), tmp / "vae")
     teacher = dict(type="occ_mfd.objectives.flow_matching.OccFlowTeacher", vae_snapshot=str(tmp / "vae"),
                    net=dict(past=4, future=6, base_channels=8, channel_mult=(1,), num_res_blocks=1,
                             attn_levels=(), heads=1), cfg_scale=2.0)
-    train(_cfg(data, teacher, opt, 2), tmp / "teacher")
+    train(stage_config(data, teacher, opt, 2), tmp / "teacher")
     mfd = dict(type="occ_mfd.objectives.mfd.OccMeanFlowDistillation",
                teacher_snapshot=str(tmp / "teacher/snapshot.pt"), max_substep=0.25, aux_steps=1, student_steps=1)
     mopt = dict(aux=dict(lr=1e-3, grad_clip=1.0), student=dict(lr=1e-3, grad_clip=1.0))
-    train(_cfg(data, mfd, mopt, 2), tmp / "mfd")
+    train(stage_config(data, mfd, mopt, 2), tmp / "mfd")
     return tmp, data

@@ -43,12 +43,10 @@ from torch import nn
 from occ_mfd.flow.guidance import guided
 from occ_mfd.flow.path import LinearPath
 from occ_mfd.flow.solver import euler_mean_velocity
-from occ_mfd.models.codec import LatentPrepare
-from occ_mfd.models.pipeline import ONE_STEP_SAMPLER
-from occ_mfd.models.snapshot import InferenceParts, snapshot_or_description
 from occ_mfd.objectives.base import LossOutput, Objective
 from occ_mfd.objectives.flow_matching import flow_matching_loss
 from occ_mfd.objectives.grad_stats import GradientVarianceMeter
+from occ_mfd.objectives.occ_teacher import OccStudentStage, load_occ_teacher
 
 
 class MeanFlowDistillation(Objective):
@@ -205,12 +203,12 @@ def variational_score_distillation(teacher, student, aux, prepare, **kwargs) -> 
     return MeanFlowDistillation(teacher, student, aux, prepare, **kwargs)
 
 
-class OccMeanFlowDistillation(MeanFlowDistillation):
+class OccMeanFlowDistillation(OccStudentStage, MeanFlowDistillation):
     """MFD of an OccFM teacher into a one-step student: what ``configs/*/mfd.py`` and ``vsd.py`` build.
 
     The teacher stage's snapshot gives the frozen teacher network (its EMA weights) and the frozen VAE; student
-    and aux flow start as copies of the teacher network (the paper's initialisation). The student snapshot is a
-    one-step forecaster: x1 = x0 + student(x0, t = 0, cond) is exactly one Euler step on the uniform grid.
+    and aux flow start as copies of the teacher network (the paper's initialisation), see
+    :mod:`occ_mfd.objectives.occ_teacher`. The student snapshot is a one-step forecaster.
 
     Args:
         teacher_snapshot / teacher: the teacher stage's snapshot (file or work dir), or (in stored configs) its
@@ -224,25 +222,10 @@ class OccMeanFlowDistillation(MeanFlowDistillation):
                  cfg_scale: float | None = None, max_substep: float = 0.02, aux_steps: int = 9,
                  student_steps: int = 1, s_neq_t_ratio: float = 1.0, student_time: float = 0.0,
                  noise: str = "fresh", vsd_time: str = "uniform"):
-        snap, desc = snapshot_or_description(teacher_snapshot, teacher, "teacher", kinds=("teacher",))
-        net = snap.build("net")  # frozen, eval mode
-        prepare = LatentPrepare(snap.codec())
-        # Student and aux: trainable copies (the forecaster has no dropout or batch norm, so modes do not matter).
-        student, aux = copy.deepcopy(net).requires_grad_(True), copy.deepcopy(net).requires_grad_(True)
-        super().__init__(net, student, aux, prepare,
-                         cfg_scale=float(snap.sampler.cfg_scale if cfg_scale is None else cfg_scale),
+        t = load_occ_teacher(teacher_snapshot, teacher)
+        super().__init__(t.teacher, t.student, t.aux, t.prepare,
+                         cfg_scale=t.cfg_scale if cfg_scale is None else float(cfg_scale),
                          max_substep=max_substep, aux_steps=aux_steps, student_steps=student_steps,
                          s_neq_t_ratio=s_neq_t_ratio, student_time=student_time, noise=noise,
                          vsd_time=vsd_time)
-        if self.student_time != 0.0:
-            raise ValueError(f"student_time={self.student_time}: only a jump from t = 0 is a one-step Euler "
-                             f"sampler, which is what the student snapshot is evaluated as")
-        self._portable = {"teacher_snapshot": None, "teacher": desc} if desc is not None else {}
-
-    def portable_config(self) -> dict:
-        return self._portable
-
-    def inference_parts(self) -> InferenceParts:
-        codec = self.prepare.codec
-        return InferenceParts(self.kind, {"vae": codec.vae, "net": self.student}, latent_scale=codec.scale,
-                              sampler=ONE_STEP_SAMPLER)
+        self._remember(t)
