@@ -1,0 +1,36 @@
+"""benchmarks/distill_study.py: a quick toy run writes the documented rows; bad method or suite names are
+clear errors."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.distill_study import main  # noqa: E402
+
+
+@pytest.mark.slow
+def test_quick_toy_study_rows_and_summary(tmp_path):
+    out = tmp_path / "s.json"
+    assert main(["--quick", "--methods", "mfd", "dmd2", "--seeds", "0", "--updates", "20", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [(r["method"], r["seed"], r["updates"]) for r in res["rows"]] == [("mfd", 0, 20), ("dmd2", 0, 20)]
+    for r in res["rows"]:
+        assert {"suite", "energy_distance", "energy_distance_init", "energy_distance_floor", "mode_recall",
+                "grad_var", "grad_snr", "ms_per_update", "nfe_per_update", "coupling_error"} <= set(r)
+        assert r["energy_distance"] < r["energy_distance_init"]          # 20 updates already help
+        assert r["curve"][0] == [0, r["energy_distance_init"]] and r["curve"][-1][0] == 20
+    # NFE per student update: MFD integrates teacher and aux over [s, t] (h = 0.02); DMD2 calls each once
+    mfd, dmd2 = res["rows"]
+    assert dmd2["nfe_per_update"] == 3 and mfd["nfe_per_update"] > 20
+    assert res["summary"]["mfd"]["energy_distance"] == [mfd["energy_distance"], 0.0]
+
+
+def test_unknown_names_are_clear_errors():
+    with pytest.raises(SystemExit, match="'senseflow' is planned"):
+        main(["--methods", "senseflow"])
+    with pytest.raises(SystemExit, match="unknown method 'mdf'"):
+        main(["--methods", "mdf"])
+    with pytest.raises(SystemExit, match="suite 'occ': planned"):
+        main(["--suite", "occ"])
