@@ -13,6 +13,8 @@ so  E[x1 - x0 | x, k] = mu_k + ((t sigma_k^2 - (1 - t)) / s_k^2) (x - t mu_k),
 and the posterior over components is w_k(x, t) ∝ pi_k N(x; t mu_k, s_k^2 I) (a softmax of log-densities):
     v*(x, t) = sum_k w_k(x, t) [ mu_k + ((t sigma_k^2 - (1 - t)) / s_k^2) (x - t mu_k) ].
 Checks: t = 0 → v* = sum_k pi_k mu_k - x (= E[x1] - x0); t = 1 → v* = x (= x1 - E[x0]).
+Axis-aligned anisotropic components (stds (K, 2)) follow per dimension: s_kd^2 = (1 - t)^2 + t^2 sigma_kd^2,
+the coefficient is per dimension, and the log-density sums over the two dimensions.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from torch import nn
 
 @dataclass
 class GaussianMixture2D:
-    """means (K, 2), stds (K,), weights (K,) summing to 1."""
+    """means (K, 2), stds (K,) isotropic or (K, 2) axis-aligned, weights (K,) summing to 1."""
 
     means: torch.Tensor
     stds: torch.Tensor
@@ -40,18 +42,23 @@ class GaussianMixture2D:
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, 2, generator=generator, dtype=torch.float64)
-        return (self.means[k] + self.stds[k, None] * z).float()  # (n, 2)
+        return (self.means[k] + self.stds2d[k] * z).float()  # (n, 2)
+
+    @property
+    def stds2d(self) -> torch.Tensor:
+        """(K, 2) per-dimension stds."""
+        return self.stds[:, None].expand(-1, 2) if self.stds.ndim == 1 else self.stds
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v*(x, t): x (B, 2), t (B,) -> (B, 2), computed in float64."""
-        xd, td = x.double(), t.double()[:, None]  # (B, 2), (B, 1)
-        mu, sig2 = self.means[None], (self.stds ** 2)[None]  # (1, K, 2), (1, K)
-        s2 = (1 - td) ** 2 + td ** 2 * sig2  # (B, K)
-        diff = xd[:, None, :] - td[:, :, None] * mu  # (B, K, 2)
-        logp = torch.log(self.weights)[None] - diff.pow(2).sum(-1) / (2 * s2) - torch.log(s2)  # 2-D: -d/2 log s2
+        xd, td = x.double(), t.double()[:, None, None]  # (B, 2), (B, 1, 1)
+        mu, sig2 = self.means[None], (self.stds2d ** 2)[None]  # (1, K, 2), (1, K, 2)
+        s2 = (1 - td) ** 2 + td ** 2 * sig2  # (B, K, 2)
+        diff = xd[:, None, :] - td * mu  # (B, K, 2)
+        logp = torch.log(self.weights)[None] - (diff.pow(2) / (2 * s2)).sum(-1) - 0.5 * torch.log(s2).sum(-1)
         w = torch.softmax(logp, dim=1)  # (B, K)
-        coef = (td * sig2 - (1 - td)) / s2  # (B, K)
-        per_k = mu + coef[..., None] * diff  # (B, K, 2)
+        coef = (td * sig2 - (1 - td)) / s2  # (B, K, 2)
+        per_k = mu + coef * diff  # (B, K, 2)
         return (w[..., None] * per_k).sum(1).to(x.dtype)
 
 

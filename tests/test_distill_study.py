@@ -24,7 +24,18 @@ def test_quick_toy_study_rows_and_summary(tmp_path):
     # NFE per student update: MFD integrates teacher and aux over [s, t] (h = 0.02); DMD2 calls each once
     mfd, dmd2 = res["rows"]
     assert dmd2["nfe_per_update"] == 3 and mfd["nfe_per_update"] > 20
-    assert res["summary"]["mfd"]["energy_distance"] == [mfd["energy_distance"], 0.0]
+    assert res["summary"]["toy"]["mfd"]["energy_distance"] == [mfd["energy_distance"], 0.0]
+
+
+@pytest.mark.slow
+def test_quick_cond_study_row(tmp_path):
+    out = tmp_path / "c.json"
+    assert main(["--quick", "--suite", "cond", "--methods", "dmd2", "--seeds", "0", "--updates", "10",
+                 "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["suite"] == "cond" and row["nfe_per_update"] == 4          # guided teacher (2) + fake + student
+    assert 0 <= row["narrow_mass"] <= 1 and row["narrow_mass_reference"] < 0.05   # CFG w = 2 empties them
+    assert row["energy_distance_floor"] < row["energy_distance_init"]
 
 
 def test_unknown_names_are_clear_errors():
