@@ -237,7 +237,10 @@ def fit_cond(mixtures, steps: int, batch: int, lr: float, gen, progress: bool) -
     for _ in tqdm(range(steps), desc="teacher fit (cond)", disable=not progress):
         labels = torch.randint(0, N_CLASSES, (batch,), generator=gen)
         labels = torch.where(torch.rand(batch, generator=gen) < 0.2, torch.full_like(labels, NULL), labels)
-        x1 = torch.cat([mixtures[c].sample(1, gen) for c in labels.tolist()])
+        x1 = torch.empty(batch, 2)
+        for c in labels.unique().tolist():                                 # one draw per class present
+            m = labels == c
+            x1[m] = mixtures[c].sample(int(m.sum()), gen)
         x0, t = torch.randn(batch, 2, generator=gen), torch.rand(batch, generator=gen)
         xt = (1 - t[:, None]) * x0 + t[:, None] * x1
         loss = (net(xt, t, labels) - teacher(xt, t, labels)).pow(2).mean()
