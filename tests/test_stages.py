@@ -15,7 +15,10 @@ from occ_mfd.engine.checkpoint import build_objective_from_checkpoint, load_chec
 from occ_mfd.eval.forecasters import load_forecaster
 from occ_mfd.models.snapshot import load_snapshot
 from occ_mfd.objectives.mfd import OccMeanFlowDistillation
+from occ_mfd.engine.loop import train
+from occ_mfd.grid import GridSpec
 from stage_fixtures import STAGE_GRID as GRID
+from stage_fixtures import make_prepared, stage_config
 
 def _batch(data):
     ds = OccSequenceDataset(data, split="val", past=4, future=6)
@@ -86,3 +89,13 @@ def test_loader_refuses_what_is_not_a_forecaster_snapshot(stages):
         load_forecaster(tmp / "nowhere/snapshot.pt")
     with pytest.raises(ValueError, match="kind 'vae', expected teacher"):
         OccMeanFlowDistillation(teacher_snapshot=str(tmp / "vae"))
+
+
+def test_a_stage_refuses_data_on_another_grid_than_its_source(stages, tmp_path):
+    tmp, _ = stages
+    other = make_prepared(tmp_path / "occ", GridSpec((-8.0, -8.0, -1.0), (8.0, 8.0, 2.2), 0.4))   # 40 × 40 × 8
+    mfd = dict(type="occ_mfd.objectives.mfd.OccMeanFlowDistillation", teacher_snapshot=str(tmp / "teacher"))
+    opt = dict(aux=dict(lr=1e-3), student=dict(lr=1e-3))
+    with pytest.raises(ValueError, match=r"teacher snapshot .*teacher/snapshot.pt vs data .*occ: grid mismatch"):
+        train(stage_config(other, mfd, opt, 1), tmp_path / "mfd")
+    assert not (tmp_path / "mfd" / "latest.pt").exists()

@@ -42,6 +42,7 @@ from occ_mfd.engine.data_loader import StepLoader
 from occ_mfd.engine.ema import EMA
 from occ_mfd.engine.logging import TrainLogger
 from occ_mfd.engine.optim import build_optimizers, clip_grads, set_lr
+from occ_mfd.grid import GridSpec
 from occ_mfd.models.snapshot import SNAPSHOT, Snapshot, save_snapshot, snapshot_from_parts
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,7 @@ def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
            else contextlib.nullcontext())
     last_ckpt = latest if ckpt is not None else None
     grid = _grid_dict(dataset, cfg)
+    _check_source_grid(objective, grid, cfg)
     # No model.train() here: modules are built in train mode, and objectives keep frozen networks (MFD's
     # teacher) in eval mode themselves; a blanket .train() would re-enable their dropout.
     try:
@@ -234,6 +236,15 @@ def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
     finally:
         logger.close()
     return TrainResult(step, last_ckpt, step >= max_steps)
+
+
+def _check_source_grid(objective, grid: dict | None, cfg: Config) -> None:
+    """An earlier stage trained on another grid cannot read this data: say which files disagree, before training."""
+    source = objective.source() if hasattr(objective, "source") else None
+    if source is None or source[1] is None or grid is None:
+        return
+    data_root = to_plain(cfg.get("data", None) or {}).get("root", "the data")
+    GridSpec.from_dict(grid).check_same(GridSpec.from_dict(source[1]), f"{source[0]} vs data {data_root}")
 
 
 def _portable(cfg: Config, objective) -> Config:

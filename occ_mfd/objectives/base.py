@@ -50,6 +50,11 @@ class Objective(nn.Module):
         objective's state_dict anyway). The loop stores ``{**cfg.objective, **portable_config()}``."""
         return {}
 
+    def source(self) -> tuple[str, dict | None] | None:
+        """The earlier stage this objective starts from, as ``(what it is, its GridSpec dict)``; the loop refuses
+        data on another grid with a message naming both. None: no earlier stage."""
+        return None
+
     def inference_parts(self) -> InferenceParts | None:
         """The networks (live modules; the engine swaps in their EMA weights) and settings that inference needs,
         written as ``<work_dir>/snapshot.pt`` with every checkpoint. None: the stage writes no snapshot."""

@@ -120,6 +120,7 @@ class OccFlowTeacher(FlowMatchingObjective):
                          time_sampler=LogitNormalTime(time_mean, time_std), cond_drop_prob=cond_drop_prob)
         self.sampler = SamplerSettings(int(steps), float(shift), float(cfg_scale))
         self._portable = {"vae_snapshot": None, "vae": vae_desc} if vae_desc is not None else {}
+        self._source = (f"VAE snapshot {vae_snap.path or '(stored description)'}", vae_snap.grid)
 
     @property
     def codec(self) -> LatentCodec:
@@ -127,6 +128,9 @@ class OccFlowTeacher(FlowMatchingObjective):
 
     def portable_config(self) -> dict:
         return self._portable
+
+    def source(self) -> tuple[str, dict | None]:
+        return self._source
 
     def inference_parts(self) -> InferenceParts:
         return InferenceParts("teacher", {"vae": self.codec.vae, "net": self.net},

@@ -30,6 +30,7 @@ class OccTeacher:
     prepare: LatentPrepare
     cfg_scale: float
     description: dict | None
+    source: tuple[str, dict | None]
 
 
 def load_occ_teacher(teacher_snapshot: str | None, teacher: dict | None) -> OccTeacher:
@@ -37,12 +38,13 @@ def load_occ_teacher(teacher_snapshot: str | None, teacher: dict | None) -> OccT
     net = snap.build("net")  # frozen, eval mode
     # Trainable copies (the forecaster has no dropout or batch norm, so train/eval modes do not matter).
     student, aux = copy.deepcopy(net).requires_grad_(True), copy.deepcopy(net).requires_grad_(True)
-    return OccTeacher(net, student, aux, LatentPrepare(snap.codec()), float(snap.sampler.cfg_scale), desc)
+    return OccTeacher(net, student, aux, LatentPrepare(snap.codec()), float(snap.sampler.cfg_scale), desc,
+                      (f"teacher snapshot {snap.path or '(stored description)'}", snap.grid))
 
 
 class OccStudentStage:
     """Mixin for distillers of an OccFM teacher (after the objective class in the bases): ``portable_config``
-    and a one-step ``inference_parts``. Needs ``self.kind``, ``self.student``, ``self.prepare`` and
+    the teacher as its ``source`` and a one-step ``inference_parts``. Needs ``self.kind``, ``self.student``, ``self.prepare`` and
     ``self._portable`` (set with :meth:`_remember`)."""
 
     def _remember(self, t: OccTeacher) -> None:
@@ -50,9 +52,13 @@ class OccStudentStage:
             raise ValueError(f"student_time={self.student_time}: only a jump from t = 0 is a one-step Euler "
                              f"sampler, which is what the student snapshot is evaluated as")
         self._portable = {"teacher_snapshot": None, "teacher": t.description} if t.description is not None else {}
+        self._source = t.source
 
     def portable_config(self) -> dict:
         return self._portable
+
+    def source(self) -> tuple[str, dict | None]:
+        return self._source
 
     def inference_parts(self) -> InferenceParts:
         codec = self.prepare.codec
