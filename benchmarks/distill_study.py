@@ -11,10 +11,11 @@ updates at the shared aux:student ratio 4:1 (Adam lr 1e-3, batch 256), fresh noi
 Suite ``cond`` (§12 B): four classes, each two anisotropic outer modes and a narrow 10 % inner mode, an exact
 teacher guided with CFG w = 2, a conditional MLP student fitted to the class velocities (20 % null); metrics
 against the guided teacher's 1000-step ODE (2000 samples per class), see :func:`run_cond`.
-Methods: ``mfd`` (h = 0.02), ``vsd`` (Diff-Instruct: s = t ~ U(0, 1)), ``dmd2`` (no GAN), and ablations
+Methods: ``mfd`` (h = 0.02), ``vsd`` (Diff-Instruct: s = t ~ U(0, 1)), ``dmd2`` (no GAN), ``cd`` (one-step
+consistency distillation, N = 40, EMA target 0.95, pseudo-Huber; it uses data samples, no aux), and ablations
 ``mfd_coupled`` (x_s from the generator's own noise), ``vsd_max2`` (t = max of two uniforms), ``mfd_h<H>``.
-Not yet here: suite ``occ`` (tiny occupancy), methods ``cd``, ``senseflow``, ``ayf`` — asking for them is an
-error that says so.
+Not yet here: suite ``occ`` (tiny occupancy), methods ``senseflow``, ``ayf`` — asking for them is an error that
+says so.
 
 JSON: ``{"settings", "rows": [one per (suite, method, seed)], "summary": {suite: {method: {metric: [mean,
 std over seeds]}}}}``; row keys: suite, method, seed, updates, energy_distance, energy_distance_init,
@@ -46,13 +47,14 @@ from occ_mfd.atomic import atomic_write  # noqa: E402
 from occ_mfd.flow.guidance import guided  # noqa: E402
 from occ_mfd.flow.solver import euler_integrate  # noqa: E402
 from occ_mfd.flow.time_sampling import time_grid  # noqa: E402
+from occ_mfd.objectives.cd import ConsistencyDistillation  # noqa: E402
 from occ_mfd.objectives.dmd2 import DistributionMatchingDistillation  # noqa: E402
 from occ_mfd.objectives.mfd import MeanFlowDistillation  # noqa: E402
 
 SUITES = {"toy", "cond"}
 PLANNED_SUITES = {"occ"}
-METHODS = ("mfd", "vsd", "dmd2", "mfd_coupled", "vsd_max2")
-PLANNED_METHODS = ("cd", "senseflow", "ayf")
+METHODS = ("mfd", "vsd", "dmd2", "cd", "mfd_coupled", "vsd_max2")
+PLANNED_METHODS = ("senseflow", "ayf")
 TOY = dict(fit_steps=1500, aux_warmup=300, batch=256, lr=1e-3, aux_steps=4, h=0.02, eval_n=2000, grad_reps=50,
            curve_every=100, cond_cfg_scale=2.0, ref_steps=1000)
 
@@ -66,11 +68,15 @@ def check_method(name: str) -> None:
     raise SystemExit(f"error: unknown method {name!r}; {known}")
 
 
-def make_objective(name: str, teacher, student, aux, cfg: dict, cfg_scale: float):
-    """The objective of method ``name`` on copies of the shared student and warmed-up aux."""
+def make_objective(name: str, teacher, student, aux, cfg: dict, cfg_scale: float, data_for=None):
+    """The objective of method ``name`` on copies of the shared student and warmed-up aux. ``data_for(batch)``:
+    real samples for a batch, for the data-based method (CD); the others only use the batch's shape/labels."""
     prepare = prepare_of(cfg)
-    kw = dict(cfg_scale=cfg_scale, aux_steps=cfg["aux_steps"], student_steps=1)
     student, aux = copy.deepcopy(student), copy.deepcopy(aux)
+    if name == "cd":   # no aux; N = 40 on the toys (DISTILLERS.md §5 "Benchmark"), uniform grid as the toy teacher
+        return ConsistencyDistillation(teacher, student, lambda b: (data_for(b), prepare(b)[1]), cfg_scale=cfg_scale,
+                                       grid_steps=40, shift=1.0)
+    kw = dict(cfg_scale=cfg_scale, aux_steps=cfg["aux_steps"], student_steps=1)
     if name == "dmd2":
         return DistributionMatchingDistillation(teacher, student, aux, prepare, **kw)
     h = float(name[len("mfd_h"):]) if name.startswith("mfd_h") else cfg["h"]
@@ -168,9 +174,10 @@ def run_toy(methods: list[str], seed: int, updates: int, cfg: dict, progress: bo
         return {"energy_distance": energy_distance(x, target), "mode_recall": recall, "mode_tv": tv,
                 "coupling_error": float((x - ode).norm(dim=1).mean())}
 
-    rows = []
+    rows, data_gen = [], torch.Generator().manual_seed(seed + 30)
     for name in methods:
-        obj = make_objective(name, teacher, warm.student, warm.aux, cfg, 1.0)
+        obj = make_objective(name, teacher, warm.student, warm.aux, cfg, 1.0,
+                             data_for=lambda x_like: gmm.sample(len(x_like), data_gen))
         ed_init = evaluate(obj)["energy_distance"]
         rel_var = relative_grad_variance(obj, make_batch, cfg["batch"], cfg["grad_reps"], seed)
         trained = train_method(name, obj, make_batch, updates, seed, cfg, evaluate, progress)
@@ -299,9 +306,18 @@ def run_cond(methods: list[str], seed: int, updates: int, cfg: dict, progress: b
                 "narrow_mass": float(np.mean([float(m[2]) for m in modes])),
                 "coupling_error": float((x - ode).norm(dim=1).mean())}
 
+    data_gen = torch.Generator().manual_seed(seed + 30)
+
+    def sample_labels(labels):
+        x1 = torch.empty(len(labels), 2)
+        for c in labels.unique().tolist():
+            m = labels == c
+            x1[m] = mixtures[c].sample(int(m.sum()), data_gen)
+        return x1
+
     rows = []
     for name in methods:
-        obj = make_objective(name, teacher, warm.student, warm.aux, cfg, w)
+        obj = make_objective(name, teacher, warm.student, warm.aux, cfg, w, data_for=sample_labels)
         ed_init = evaluate(obj)["energy_distance"]
         rel_var = relative_grad_variance(obj, make_batch, cfg["batch"], cfg["grad_reps"], seed)
         trained = train_method(name, obj, make_batch, updates, seed, cfg, evaluate, progress)

@@ -32,7 +32,7 @@ from occ_mfd.models.pipeline import OccForecastPipeline, SamplerSettings
 
 FORMAT = "occ_mfd.snapshot/1"
 SNAPSHOT = "snapshot.pt"
-FORECASTER_KINDS = ("teacher", "student", "vsd", "dmd2")
+FORECASTER_KINDS = ("teacher", "student", "vsd", "dmd2", "cd")
 
 
 def network_spec(module: nn.Module) -> dict:

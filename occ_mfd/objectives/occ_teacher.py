@@ -26,18 +26,20 @@ class OccTeacher:
 
     teacher: nn.Module
     student: nn.Module
-    aux: nn.Module
+    aux: nn.Module | None
     prepare: LatentPrepare
     cfg_scale: float
     description: dict | None
     source: tuple[str, dict | None]
 
 
-def load_occ_teacher(teacher_snapshot: str | None, teacher: dict | None) -> OccTeacher:
+def load_occ_teacher(teacher_snapshot: str | None, teacher: dict | None, with_aux: bool = True) -> OccTeacher:
+    """``with_aux=False`` (aux-free distillers, e.g. CD) leaves ``aux`` None."""
     snap, desc = snapshot_or_description(teacher_snapshot, teacher, "teacher", kinds=("teacher",))
     net = snap.build("net")  # frozen, eval mode
     # Trainable copies (the forecaster has no dropout or batch norm, so train/eval modes do not matter).
-    student, aux = copy.deepcopy(net).requires_grad_(True), copy.deepcopy(net).requires_grad_(True)
+    student = copy.deepcopy(net).requires_grad_(True)
+    aux = copy.deepcopy(net).requires_grad_(True) if with_aux else None
     return OccTeacher(net, student, aux, LatentPrepare(snap.codec()), float(snap.sampler.cfg_scale), desc,
                       (f"teacher snapshot {snap.path or '(stored description)'}", snap.grid))
 
