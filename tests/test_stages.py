@@ -99,3 +99,16 @@ def test_a_stage_refuses_data_on_another_grid_than_its_source(stages, tmp_path):
     with pytest.raises(ValueError, match=r"teacher snapshot .*teacher/snapshot.pt vs data .*occ: grid mismatch"):
         train(stage_config(other, mfd, opt, 1), tmp_path / "mfd")
     assert not (tmp_path / "mfd" / "latest.pt").exists()
+
+
+def test_a_finished_stage_rewrites_a_missing_snapshot(stages, tmp_path):
+    tmp, data = stages
+    shutil.copytree(tmp / "teacher", tmp_path / "teacher")
+    original = load_snapshot(tmp_path / "teacher")
+    (tmp_path / "teacher" / "snapshot.pt").unlink()
+    cfg = load_config_from_checkpoint(tmp_path / "teacher" / "latest.pt")
+    assert train(cfg, tmp_path / "teacher").finished
+    again = load_snapshot(tmp_path / "teacher")
+    assert again.kind == "teacher" and again.step == original.step and again.grid == original.grid
+    for name in ("vae", "net"):
+        assert _equal_state(again.weights[name], original.weights[name]), name

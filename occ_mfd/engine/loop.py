@@ -129,6 +129,8 @@ def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
     if ckpt is not None and int(ckpt["step"]) >= max_steps:
         say(f"{work_dir}: training already finished (step {int(ckpt['step'])} >= max_steps {max_steps}); "
             f"nothing to do")
+        if info.is_main and not (work_dir / SNAPSHOT).exists():
+            _restore_snapshot(latest, ckpt, work_dir, say)
         return TrainResult(int(ckpt["step"]), latest, True)
     if info.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -236,6 +238,16 @@ def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
     finally:
         logger.close()
     return TrainResult(step, last_ckpt, step >= max_steps)
+
+
+def _restore_snapshot(latest: Path, ckpt: dict, work_dir: Path, say) -> None:
+    """A finished stage whose snapshot.pt is gone (deleted, or only latest.pt copied): write it again from the
+    checkpoint's EMA weights, so the next stage and eval find it."""
+    objective = ck.build_objective_from_checkpoint(latest, use_ema=True)   # EMA weights swapped in
+    snapshot = _snapshot(objective, None, int(ckpt["step"]), ck.load_config_from_checkpoint(ckpt), ckpt.get("grid"),
+                         str(ckpt.get("git_rev", "unknown")))
+    if snapshot is not None:
+        say(f"wrote the missing {save_snapshot(snapshot, work_dir / SNAPSHOT)} from {latest}")
 
 
 def _check_source_grid(objective, grid: dict | None, cfg: Config) -> None:
