@@ -22,9 +22,9 @@ PY = sys.executable
 # World and training sizes. "smoke" is the end-to-end test's size: it checks the plumbing, not the quality.
 SIZES = {
     "demo": dict(scenes=8, keyframes=40, sweeps=2, vae_steps=300, teacher_steps=400, mfd_steps=160,
-                 bench_runs=50, bench_warmup=10, max_eval=40),
+                 bench_runs=50, bench_warmup=10, bench_train_runs=10, bench_train_warmup=2, max_eval=40),
     "smoke": dict(scenes=2, keyframes=12, sweeps=1, vae_steps=10, teacher_steps=10, mfd_steps=10,
-                  bench_runs=3, bench_warmup=1, max_eval=2),
+                  bench_runs=3, bench_warmup=1, bench_train_runs=2, bench_train_warmup=0, max_eval=2),
 }
 
 
@@ -91,6 +91,7 @@ def main() -> None:
     run("eval", eval_cmd, results, timings)
     run("bench", [PY, "tools/bench.py", "--teacher", snap["teacher"], "--student", snap["mfd"],
                   "--data", occ, "--split", "val", "--steps", 1, 10, "--runs", size["bench_runs"], "--warmup", size["bench_warmup"],
+                  "--train-runs", size["bench_train_runs"], "--train-warmup", size["bench_train_warmup"],
                   "--out", bench],
         bench, timings)
     dumps = sorted((w / "forecasts" / "student@1").glob("*.npz"))
