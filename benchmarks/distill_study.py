@@ -134,9 +134,9 @@ def train_method(name, obj, make_batch, updates: int, seed: int, cfg: dict, eval
     opts = {k: torch.optim.Adam(v, lr=cfg["lr"]) for k, v in obj.param_groups().items()}
     torch.manual_seed(seed + 1)
     curve, done, nfe, logs = [[0, evaluate(obj)["energy_distance"]]], 0, [], {}
-    seconds = 0.0
-    steps = updates * (cfg["aux_steps"] + 1)
-    for step in tqdm(range(steps), desc=f"{name} seed {seed}", disable=not progress, leave=False):
+    seconds, step = 0.0, 0
+    bar = tqdm(total=updates, desc=f"{name} seed {seed}", disable=not progress, leave=False)
+    while done < updates:                      # the same number of student updates for every method
         t0 = time.perf_counter()
         ph = obj.phase(step)
         opts[ph].zero_grad()
@@ -145,11 +145,14 @@ def train_method(name, obj, make_batch, updates: int, seed: int, cfg: dict, eval
         logs.update(obj.after_backward(ph))
         opts[ph].step()
         seconds += time.perf_counter() - t0
+        step += 1
         if ph == "student":
             done += 1
+            bar.update()
             nfe.append(float(out.logs["nfe_teacher"]) + float(out.logs["nfe_aux"]) + 1)
             if done % cfg["curve_every"] == 0:
                 curve.append([done, evaluate(obj)["energy_distance"]])
+    bar.close()
     return {"updates": done, "grad_var": logs.get("student_grad_var"), "grad_snr": logs.get("student_grad_snr"),
             "ms_per_update": 1e3 * seconds / max(done, 1), "nfe_per_update": float(np.median(nfe)), "curve": curve}
 

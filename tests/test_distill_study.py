@@ -45,3 +45,11 @@ def test_unknown_names_are_clear_errors():
         main(["--methods", "mdf"])
     with pytest.raises(SystemExit, match="suite 'occ': planned"):
         main(["--suite", "occ"])
+
+
+@pytest.mark.slow
+def test_aux_free_cd_gets_the_same_number_of_student_updates(tmp_path):
+    out = tmp_path / "cd.json"
+    assert main(["--quick", "--methods", "cd", "--seeds", "0", "--updates", "12", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["updates"] == 12 and row["curve"][-1][0] == 10      # curve every 10 updates at --quick
