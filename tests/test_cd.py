@@ -7,6 +7,7 @@ from mmengine.config import Config
 
 from occ_mfd.engine.loop import train
 from occ_mfd.eval.forecasters import load_forecaster
+from occ_mfd.models.snapshot import load_snapshot
 from occ_mfd.objectives.cd import ConsistencyDistillation
 from stage_fixtures import stage_config
 from test_mfd import PointMassFlow
@@ -64,3 +65,5 @@ def test_occ_cd_stage_trains_and_evaluates(stages, tmp_path):
     train(stage_config(data, obj, dict(student=dict(lr=1e-3, grad_clip=1.0)), 3), tmp_path / "cd")
     pipe, info = load_forecaster(tmp_path / "cd")
     assert (info.kind, info.steps, info.cfg_scale) == ("cd", 1, 1.0)
+    teacher = load_snapshot(tmp / "teacher").weights["net"]
+    assert any(not torch.equal(v, teacher[k]) for k, v in pipe.net.state_dict().items())   # it trained

@@ -10,6 +10,7 @@ from occ_mfd.builder import build
 from occ_mfd.engine.checkpoint import load_config_from_checkpoint
 from occ_mfd.engine.loop import train
 from occ_mfd.eval.forecasters import load_forecaster
+from occ_mfd.models.snapshot import load_snapshot
 from occ_mfd.objectives.dmd2 import DistributionMatchingDistillation
 from stage_fixtures import stage_config
 from test_mfd import A0, B0, MU, SIG, GaussianFlow, LinearStudent, PointMassFlow, StudentFlow, _mc_grad
@@ -54,6 +55,9 @@ def test_occ_dmd2_stage_trains_and_evaluates(stages, tmp_path):
     train(stage_config(data, obj, opt, 5), tmp_path / "dmd2")
     pipe, info = load_forecaster(tmp_path / "dmd2")
     assert (info.kind, info.steps, info.cfg_scale) == ("dmd2", 1, 1.0)
+    # one generator update happened (step 4 of 5): the student's weights left the teacher's
+    teacher = load_snapshot(tmp / "teacher").weights["net"]
+    assert any(not torch.equal(v, teacher[k]) for k, v in pipe.net.state_dict().items())
     # the stored config rebuilds without the teacher's files (its description replaces the path)
     stored = build(load_config_from_checkpoint(tmp_path / "dmd2/latest.pt").objective)
     assert stored.kind == "dmd2" and stored.t_min == 0.02 and stored.aux_steps == 4

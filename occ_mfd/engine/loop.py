@@ -191,6 +191,7 @@ def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
     last_ckpt = latest if ckpt is not None else None
     grid = _grid_dict(dataset, cfg)
     _check_source_grid(objective, grid, cfg)
+    writes_snapshot = objective.inference_parts() is not None
     # No model.train() here: modules are built in train mode, and objectives keep frozen networks (MFD's
     # teacher) in eval mode themselves; a blanket .train() would re-enable their dropout.
     try:
@@ -234,7 +235,7 @@ def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
                 logger.flush(step)
             if step % int(tc["ckpt_interval"]) == 0 or step == max_steps:
                 last_ckpt = _save(work_dir, step, objective, opts, ema, guard, loader, cfg, grid, info, tc)
-                say(f"saved {last_ckpt}" + (f" and {work_dir / SNAPSHOT}" if objective.inference_parts() else ""))
+                say(f"saved {last_ckpt}" + (f" and {work_dir / SNAPSHOT}" if writes_snapshot else ""))
     finally:
         logger.close()
     return TrainResult(step, last_ckpt, step >= max_steps)

@@ -28,7 +28,7 @@ class Forecaster(Protocol):
 class ForecasterInfo:
     """What a snapshot says about its forecaster.
 
-    kind: "teacher" | "student" | "vsd" (the default row name). grid: the snapshot's (pooled) GridSpec or
+    kind: the snapshot's kind, one of ``models.snapshot.FORECASTER_KINDS`` (the default row name). grid: the snapshot's (pooled) GridSpec or
     None. pool/past/future: the training data's. steps/shift/cfg_scale: the sampler defaults.
     num_classes: the decoder's classes. step: training steps behind the weights.
     """

@@ -10,6 +10,12 @@ from dataclasses import dataclass
 import torch
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of flow state (noise, times, Euler x, latents): at least fp32, whatever autocast made of the
+    latents (bf16 → fp32; fp64 toys stay fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def expand_time(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape per-sample ``t`` (B,) to (B, 1, ..., 1) so it broadcasts against ``like`` (B, ...)."""
     if t.ndim != 1 or t.shape[0] != like.shape[0]:

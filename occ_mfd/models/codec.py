@@ -39,6 +39,10 @@ class LatentCodec(nn.Module):
         z = dist.sample(generator) if self.sample else dist.mean
         return (z.float() * self.scale).unflatten(0, (B, T))
 
+    def condition(self, batch) -> ForecastCond:
+        """OccBatch → the forecaster's condition: scaled past latents (B, P, C, H, W) and ego poses (B, P+F, 4, 4)."""
+        return ForecastCond(past_latents=self.encode(batch.past), ego=batch.ego.float())
+
     @torch.no_grad()
     def decode_logits(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, T, C, H, W) scaled latents → (B, T, K, X, Y, Z) logits."""
@@ -69,5 +73,4 @@ class LatentPrepare(nn.Module):
         self.codec = codec
 
     def forward(self, batch):
-        past, fut = self.codec.encode(batch.past), self.codec.encode(batch.future)
-        return fut, ForecastCond(past_latents=past, ego=batch.ego.float())
+        return self.codec.encode(batch.future), self.codec.condition(batch)

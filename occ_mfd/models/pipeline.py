@@ -80,7 +80,7 @@ class OccForecastPipeline(nn.Module):
     # ---------------------------------------------------------------------------------------- stages
     def encode(self, batch) -> ForecastCond:
         """OccBatch → condition: scaled past latents (B, P, C, H, W) and ego poses (B, P+F, 4, 4)."""
-        return ForecastCond(past_latents=self.codec.encode(batch.past), ego=batch.ego.float())
+        return self.codec.condition(batch)
 
     def noise(self, cond: ForecastCond, generator: torch.Generator | None = None) -> torch.Tensor:
         """x0 ~ N(0, I) of shape (B, F, C, H, W), float32.

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from occ_mfd.flow.guidance import guided
-from occ_mfd.flow.path import LinearPath, expand_time
+from occ_mfd.flow.path import LinearPath, expand_time, state_dtype
 from occ_mfd.flow.time_sampling import time_grid
 from occ_mfd.objectives.base import LossOutput, Objective
 from occ_mfd.objectives.grad_stats import GradientVarianceMeter
@@ -98,7 +98,7 @@ class ConsistencyDistillation(Objective):
             self.update_target()
         self._target_pending.fill_(True)
         x1, cond = self.prepare(batch)[:2]
-        dtype = torch.promote_types(x1.dtype, torch.float32)
+        dtype = state_dtype(x1.dtype)
         x1 = x1.to(dtype)
         B = x1.shape[0]
         grid = time_grid(self.grid_steps, self.shift, device=x1.device, dtype=dtype)

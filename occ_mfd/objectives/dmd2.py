@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from occ_mfd.flow.guidance import guided
-from occ_mfd.flow.path import LinearPath, expand_time
+from occ_mfd.flow.path import LinearPath, expand_time, state_dtype
 from occ_mfd.objectives.base import LossOutput
 from occ_mfd.objectives.mfd import MeanFlowDistillation
 from occ_mfd.objectives.occ_teacher import OccStudentStage, load_occ_teacher
@@ -65,7 +65,7 @@ class DistributionMatchingDistillation(MeanFlowDistillation):
         if phase != "student":
             return super().forward(batch, phase)                       # the fake flow's FM on student samples
         x_like, cond = self.prepare(batch)[:2]
-        dtype = torch.promote_types(x_like.dtype, torch.float32)
+        dtype = state_dtype(x_like.dtype)
         z = torch.randn(x_like.shape, device=x_like.device, dtype=dtype)
         x1 = self.generate(z, cond).to(dtype)
         t = self.t_min + (self.t_max - self.t_min) * torch.rand(x1.shape[0], device=x1.device, dtype=dtype)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from occ_mfd.flow.guidance import guided
-from occ_mfd.flow.path import LinearPath
+from occ_mfd.flow.path import LinearPath, state_dtype
 from occ_mfd.flow.solver import euler_mean_velocity
 from occ_mfd.objectives.base import LossOutput, Objective
 from occ_mfd.objectives.flow_matching import flow_matching_loss
@@ -163,12 +163,12 @@ class MeanFlowDistillation(Objective):
         """Surrogate for given student samples x1 (with grad), the noise n of x_s and the interval; see the
         module doc."""
         x_s = LinearPath().interpolate(n, x1, s)  # (B, ...) carries d/dtheta through x1
-        U_T, U_A, n = self.mean_flows(x_s.detach(), s, t, cond)
+        U_T, U_A, n_sub = self.mean_flows(x_s.detach(), s, t, cond)
         diff = U_A - U_T  # (B, ...) no grad
         loss = (diff * x_s).mean()  # Eq. 20: gradient (U_A - U_T) dx_s/dtheta
         dist = diff.flatten(1).norm(dim=1).mean()
         logs = {"loss": loss.detach(), "mf_dist": dist,
-                "nfe_teacher": float(n * (1 if self.cfg_scale == 1.0 else 2)), "nfe_aux": float(n),
+                "nfe_teacher": float(n_sub * (1 if self.cfg_scale == 1.0 else 2)), "nfe_aux": float(n_sub),
                 "interval_mean": (t - s).mean()}
         return loss, logs
 
@@ -176,8 +176,7 @@ class MeanFlowDistillation(Objective):
     def forward(self, batch, phase: str) -> LossOutput:
         x_like, cond = self.prepare(batch)[:2]
         B = x_like.shape[0]
-        # Flow state in at least fp32 whatever autocast does to the latents (fp64 toys stay fp64).
-        dtype = torch.promote_types(x_like.dtype, torch.float32)
+        dtype = state_dtype(x_like.dtype)
         x0 = torch.randn(x_like.shape, device=x_like.device, dtype=dtype)
         if phase == "aux":
             with torch.no_grad():
