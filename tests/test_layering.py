@@ -1,7 +1,7 @@
 """Imports run one way, and none hides in a function: the package layout of docs/design.md, checked on the source.
 
 Layers, lowest first (a module may import its own layer and the layers below it):
-  base (grid, ego, atomic, scores, builder) → data → flow → models → objectives → engine → viz → eval
+  base (grid, ego, ego_motion, atomic, scores, builder) → data → flow → models → objectives → engine → viz → eval
 ``flow`` is plain math on tensors (paths, time grids, solvers, guidance) that the models' sampling pipeline
 uses; ``eval`` may import ``viz`` (forecast dumps), not the other way round. Imports of ``occ_mfd`` inside
 functions are refused (they hide cycles), except under ``if TYPE_CHECKING:``.
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "occ_mfd"
-LAYERS = {"grid": 0, "ego": 0, "atomic": 0, "scores": 0, "builder": 0, "data": 1, "flow": 2, "models": 3,
+LAYERS = {"grid": 0, "ego": 0, "ego_motion": 0, "atomic": 0, "scores": 0, "builder": 0, "data": 1, "flow": 2, "models": 3,
           "objectives": 4, "engine": 5, "viz": 6, "eval": 7}
 
 

@@ -1,4 +1,6 @@
-"""Model-free baselines: copy the last observed frame, or warp it by the ego motion (static world).
+"""Model-free baselines: copy the last observed frame, or warp it by the ego motion (static world) — by the
+ego motion extrapolated from the past poses (``cv-warp``, a fair rival of past-conditioned models) or by the
+true future poses (``warp-last``, privileged).
 
 Both return a :class:`~occ_mfd.models.pipeline.Forecast` with ``nfe = 0`` and ignore the noise generator.
 """
@@ -6,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from occ_mfd.models.pipeline import Forecast
+from occ_mfd.ego_motion import extrapolate_poses, warp_frame
 from occ_mfd.grid import FREE_ID, GridSpec
+from occ_mfd.models.pipeline import Forecast
 
 
 def copy_last(past: torch.Tensor, num_future: int) -> torch.Tensor:
@@ -16,40 +19,21 @@ def copy_last(past: torch.Tensor, num_future: int) -> torch.Tensor:
 
 
 def warp_last(past: torch.Tensor, ego: torch.Tensor, grid: GridSpec, free_id: int = FREE_ID) -> torch.Tensor:
-    """Static-world forecast: the current frame seen from each future ego pose.
+    """Static-world forecast: the current frame seen from each *given* future ego pose.
 
-    Args:
-        past: (B, P, X, Y, Z) integer labels; ``past[:, -1]`` is the current frame.
-        ego: (B, P+F, 4, 4) pose of each frame's ego in the current ego frame (``OccSequence.ego``).
-        grid: the voxel grid of ``past``.
-    Returns:
-        (B, F, X, Y, Z) labels, same dtype as ``past``.
-
-    Backward (pull) nearest-voxel resampling: the centre p of each target voxel of future frame k is mapped
-    into the current frame, ``q = ego[P+k] @ p``, and takes the label of the voxel containing q; a q outside
-    the grid has no source and is free. Pulling (rather than pushing occupied voxels forward) leaves no holes
-    and needs no collision rule.
+    past: (B, P, X, Y, Z) labels (``past[:, -1]`` is the current frame); ego: (B, P+F, 4, 4) poses in the
+    current frame (``OccSequence.ego``) → (B, F, X, Y, Z). See :func:`occ_mfd.ego_motion.warp_frame`.
     """
-    B, P = past.shape[:2]
-    n_future = ego.shape[1] - P
-    X, Y, Z = grid.shape
-    if tuple(past.shape[2:]) != (X, Y, Z):
-        raise ValueError(f"warp_last: past grid {tuple(past.shape[2:])} differs from grid {grid.shape}")
-    dev = past.device
-    centers = torch.from_numpy(grid.centers()).to(dev, torch.float64).reshape(-1, 3)       # (N, 3)
-    lo = torch.tensor(grid.lo, dtype=torch.float64, device=dev)
-    dims = torch.tensor([X, Y, Z], device=dev)
-    last = past[:, -1].reshape(B, -1)                                                      # (B, N)
-    out = torch.full((B, n_future, X * Y * Z), free_id, dtype=past.dtype, device=dev)
-    T = ego[:, P:].to(torch.float64)                                                       # (B, F, 4, 4)
-    for b in range(B):
-        for k in range(n_future):
-            q = centers @ T[b, k, :3, :3].T + T[b, k, :3, 3]                               # (N, 3)
-            idx = torch.floor((q - lo) / grid.voxel_size).long()
-            inside = ((idx >= 0) & (idx < dims)).all(dim=1)
-            flat = (idx[:, 0] * Y + idx[:, 1]) * Z + idx[:, 2]
-            out[b, k, inside] = last[b, flat[inside]]
-    return out.view(B, n_future, X, Y, Z)
+    return warp_frame(past[:, -1], ego[:, past.shape[1]:], grid, free_id)
+
+
+def cv_warp(past: torch.Tensor, ego: torch.Tensor, grid: GridSpec, free_id: int = FREE_ID) -> torch.Tensor:
+    """Static-world forecast from the *past* poses only: the current frame seen from the poses a constant speed
+    and yaw rate extrapolate (:func:`occ_mfd.ego_motion.extrapolate_poses`). Same arguments as
+    :func:`warp_last`; the future poses in ``ego`` are not read."""
+    P = past.shape[1]
+    poses = extrapolate_poses(ego[:, :P], ego.shape[1] - P)
+    return warp_frame(past[:, -1], poses, grid, free_id)
 
 
 class CopyLast:
@@ -79,6 +63,18 @@ class WarpLast:
         return Forecast(classes=warp_last(batch.past, batch.ego, self.grid, self.free_id), nfe=0)
 
 
+class CVWarp(WarpLast):
+    """Baseline forecaster "cv-warp": the current frame warped by the ego motion a constant speed and yaw rate
+    extrapolate from the past poses. Non-privileged (reads no future information), so it is the bar a model
+    conditioned on the past trajectory must clear: a learned forecaster that does not beat it has not learnt
+    more than the ego's own motion."""
+
+    name = "cv-warp"
+
+    def __call__(self, batch, generator: torch.Generator | None = None) -> Forecast:
+        return Forecast(classes=cv_warp(batch.past, batch.ego, self.grid, self.free_id), nfe=0)
+
+
 class VAEReconstruction:
     """Row "vae-recon": the VAE's reconstruction of the *ground-truth* future (encode → decode → argmax).
 
@@ -96,4 +92,5 @@ class VAEReconstruction:
         return Forecast(classes=self.codec.decode(self.codec.encode(batch.future)), nfe=0)
 
 
-BASELINES = {"copy-last": lambda grid: CopyLast(), "warp-last": lambda grid: WarpLast(grid)}
+BASELINES = {"copy-last": lambda grid: CopyLast(), "cv-warp": lambda grid: CVWarp(grid),
+             "warp-last": lambda grid: WarpLast(grid)}
