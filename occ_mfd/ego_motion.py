@@ -88,3 +88,22 @@ def warp_frame(frame: torch.Tensor, poses: torch.Tensor, grid: GridSpec, free_id
             flat = (idx[:, 0] * Y + idx[:, 1]) * Z + idx[:, 2]
             out[b, k, inside] = src[b, flat[inside]]
     return out.view(B, n_future, X, Y, Z)
+
+
+#: Ego-motion priors a forecaster can be given (``OccForecaster(prior=...)``): the current frame warped to each
+#: future frame by the extrapolated poses (non-privileged) or by the given future poses (planning-conditioned).
+PRIORS = ("cv-warp", "warp")
+
+
+def prior_frames(past: torch.Tensor, ego: torch.Tensor, grid: GridSpec, kind: str,
+                 free_id: int = FREE_ID) -> torch.Tensor:
+    """The static-world forecast ``kind`` ∈ :data:`PRIORS`: (B, P, X, Y, Z) labels, (B, P+F, 4, 4) poses →
+    (B, F, X, Y, Z). ``"cv-warp"`` reads only the past poses; ``"warp"`` reads the given future poses."""
+    P, n_future = past.shape[1], ego.shape[1] - past.shape[1]
+    if kind == "cv-warp":
+        poses = extrapolate_poses(ego[:, :P], n_future)
+    elif kind == "warp":
+        poses = ego[:, P:]
+    else:
+        raise ValueError(f"unknown ego-motion prior {kind!r}; known: {', '.join(PRIORS)}")
+    return warp_frame(past[:, -1], poses, grid, free_id)

@@ -130,3 +130,32 @@ def test_shape_errors_are_clear():
     x, t, cond = _inputs()
     with pytest.raises(ValueError, match="cond shapes"):
         net(x, t, ForecastCond(cond.past_latents[:, :1], cond.ego))
+
+
+def _with_prior(cond: ForecastCond, seed: int = 5) -> ForecastCond:
+    g = torch.Generator().manual_seed(seed)
+    B = cond.past_latents.shape[0]
+    return ForecastCond(cond.past_latents, cond.ego, torch.randn(B, FUT, C, H, W, generator=g))
+
+
+def test_prior_is_read_by_kept_samples_and_dropped_with_the_condition():
+    net = _net(prior="cv-warp")
+    x, t, cond = _inputs()
+    cond = _with_prior(cond)
+    other = ForecastCond(cond.past_latents, cond.ego, cond.prior_latents + torch.randn_like(cond.prior_latents))
+    drop = torch.tensor([True, False, True])
+    with torch.no_grad():
+        v1, v2 = net(x, t, cond, drop), net(x, t, other, drop)
+    assert torch.allclose(v1[drop], v2[drop], atol=1e-5)           # CFG's unconditional branch: no prior
+    assert (v1[~drop] - v2[~drop]).abs().max() > 1e-3
+
+
+def test_prior_net_refuses_a_missing_prior_and_a_privileged_prior_in_past_mode():
+    x, t, cond = _inputs()
+    with pytest.raises(ValueError, match="prior_latents"):
+        _net(prior="cv-warp")(x, t, cond)
+    with pytest.raises(ValueError, match="traj_mode='future'"):
+        _net(prior="warp", traj_mode="past")
+    with pytest.raises(ValueError, match="prior must be"):
+        _net(prior="flow")
+    assert _net(prior="warp", traj_mode="future")(x, t, _with_prior(cond)).shape == x.shape

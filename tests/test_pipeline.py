@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from occ_mfd.data.records import OccBatch
+from occ_mfd.eval.baselines import cv_warp
 from occ_mfd.flow.time_sampling import time_grid
+from occ_mfd.grid import GridSpec
 from occ_mfd.models.codec import LatentCodec, LatentPrepare
 from occ_mfd.models.forecaster import ForecastCond, OccForecaster
 from occ_mfd.models.pipeline import OccForecastPipeline, SamplerSettings
@@ -136,3 +138,23 @@ def test_flow_matching_objective_integration():
     out.loss.backward()
     assert torch.isfinite(out.loss) and net.out.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in codec.parameters())
+
+
+def test_condition_with_an_ego_motion_prior_encodes_the_warped_current_frame():
+    """The prior latents are exactly the codec's encoding of the cv-warp baseline's forecast (one warp for
+    the baseline and the network's prior), and a batch without a grid is refused with a clear message."""
+    torch.manual_seed(0)
+    grid = GridSpec((-8.0, -8.0, -1.0), (8.0, 8.0, 2.2), 0.4)           # 40 × 40 × 8
+    vae = OccVAE(grid_z=8, channels=(8, 8, 8), latent_channels=4, downsample=4, sparse=False).eval()
+    codec = LatentCodec(vae, scale=2.0)
+    g = torch.Generator().manual_seed(1)
+    past = torch.randint(0, 18, (2, 4, *grid.shape), generator=g)
+    ego = torch.eye(4).repeat(2, 10, 1, 1)
+    ego[:, :4, 0, 3] = torch.tensor([-4.5, -3.0, -1.5, 0.0])             # 1.5 m per frame, straight ahead
+    batch = OccBatch(past=past, future=past[:, :1].repeat(1, 6, 1, 1, 1), ego=ego, grid=grid)
+    cond = codec.condition(batch, "cv-warp")
+    assert torch.equal(cond.prior_latents, codec.encode(cv_warp(past, ego, grid)))
+    assert not torch.allclose(cond.prior_latents[:, 0], codec.encode(past[:, -1:])[:, 0])   # it moved
+    assert codec.condition(batch).prior_latents is None
+    with pytest.raises(ValueError, match="needs the batch's grid"):
+        codec.condition(OccBatch(past=past, future=batch.future, ego=ego), "cv-warp")

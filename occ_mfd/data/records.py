@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from occ_mfd.grid import GridSpec
+
 
 @dataclass
 class OccSequence:
@@ -22,6 +24,7 @@ class OccSequence:
             (so ``ego[P-1]`` is the identity).
         mask_future: (F, X, Y, Z) bool visibility mask of the future ground truth, or None (all visible).
         scene: scene name; tokens: the P+F sample tokens in time order.
+        grid: the voxel grid of ``past`` / ``future`` (None where unknown), for ego-motion warps.
     """
 
     past: np.ndarray
@@ -30,6 +33,7 @@ class OccSequence:
     mask_future: np.ndarray | None = None
     scene: str = ""
     tokens: list[str] = field(default_factory=list)
+    grid: GridSpec | None = None
 
 
 @dataclass
@@ -39,7 +43,7 @@ class OccBatch:
     Attributes:
         past: (B, P, X, Y, Z) int64.  future: (B, F, X, Y, Z) int64.
         ego: (B, P+F, 4, 4) float32.  mask_future: (B, F, X, Y, Z) bool or None.
-        scenes, tokens: per-sample metadata.
+        scenes, tokens: per-sample metadata.  grid: the voxel grid (None where unknown).
     """
 
     past: torch.Tensor
@@ -48,6 +52,7 @@ class OccBatch:
     mask_future: torch.Tensor | None = None
     scenes: list[str] = field(default_factory=list)
     tokens: list[list[str]] = field(default_factory=list)
+    grid: GridSpec | None = None
 
     @property
     def batch_size(self) -> int:
@@ -79,4 +84,5 @@ def collate_sequences(items: list[OccSequence]) -> OccBatch:
         mask_future=stack("mask_future", torch.bool),
         scenes=[it.scene for it in items],
         tokens=[list(it.tokens) for it in items],
+        grid=items[0].grid if all(it.grid == items[0].grid for it in items) else None,
     )

@@ -95,4 +95,4 @@ class OccSequenceDataset(Dataset):
             fut = [m for _, m in loaded[self.past:]]
             mask_future = np.stack(fut) if fut else np.zeros((0, *self.grid.shape), dtype=bool)
         return OccSequence(past=sem[:self.past], future=sem[self.past:], ego=ego, mask_future=mask_future,
-                           scene=scene.name, tokens=tokens)
+                           scene=scene.name, tokens=tokens, grid=self.grid)

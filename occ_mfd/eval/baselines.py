@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from occ_mfd.ego_motion import extrapolate_poses, warp_frame
+from occ_mfd.ego_motion import prior_frames
 from occ_mfd.grid import FREE_ID, GridSpec
 from occ_mfd.models.pipeline import Forecast
 
@@ -24,16 +24,14 @@ def warp_last(past: torch.Tensor, ego: torch.Tensor, grid: GridSpec, free_id: in
     past: (B, P, X, Y, Z) labels (``past[:, -1]`` is the current frame); ego: (B, P+F, 4, 4) poses in the
     current frame (``OccSequence.ego``) → (B, F, X, Y, Z). See :func:`occ_mfd.ego_motion.warp_frame`.
     """
-    return warp_frame(past[:, -1], ego[:, past.shape[1]:], grid, free_id)
+    return prior_frames(past, ego, grid, "warp", free_id)
 
 
 def cv_warp(past: torch.Tensor, ego: torch.Tensor, grid: GridSpec, free_id: int = FREE_ID) -> torch.Tensor:
     """Static-world forecast from the *past* poses only: the current frame seen from the poses a constant speed
     and yaw rate extrapolate (:func:`occ_mfd.ego_motion.extrapolate_poses`). Same arguments as
     :func:`warp_last`; the future poses in ``ego`` are not read."""
-    P = past.shape[1]
-    poses = extrapolate_poses(ego[:, :P], ego.shape[1] - P)
-    return warp_frame(past[:, -1], poses, grid, free_id)
+    return prior_frames(past, ego, grid, "cv-warp", free_id)
 
 
 class CopyLast:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from occ_mfd.ego_motion import prior_frames
 from occ_mfd.models.forecaster import ForecastCond
 from occ_mfd.models.vae import OccVAE
 
@@ -39,9 +40,18 @@ class LatentCodec(nn.Module):
         z = dist.sample(generator) if self.sample else dist.mean
         return (z.float() * self.scale).unflatten(0, (B, T))
 
-    def condition(self, batch) -> ForecastCond:
-        """OccBatch → the forecaster's condition: scaled past latents (B, P, C, H, W) and ego poses (B, P+F, 4, 4)."""
-        return ForecastCond(past_latents=self.encode(batch.past), ego=batch.ego.float())
+    def condition(self, batch, prior: str | None = None) -> ForecastCond:
+        """OccBatch → the forecaster's condition: scaled past latents (B, P, C, H, W), ego poses (B, P+F, 4, 4)
+        and, for ``prior`` ∈ :data:`~occ_mfd.ego_motion.PRIORS`, the latents (B, F, C, H, W) of the current frame
+        warped to each future frame (the net's ``prior``: see :class:`~occ_mfd.models.forecaster.OccForecaster`).
+        """
+        prior_latents = None
+        if prior is not None:
+            if getattr(batch, "grid", None) is None:
+                raise ValueError(f"an ego-motion prior ({prior!r}) warps voxels and needs the batch's grid; this "
+                                 f"batch has none (OccSequenceDataset sets it; a hand-built OccBatch needs grid=)")
+            prior_latents = self.encode(prior_frames(batch.past, batch.ego, batch.grid, prior))
+        return ForecastCond(past_latents=self.encode(batch.past), ego=batch.ego.float(), prior_latents=prior_latents)
 
     @torch.no_grad()
     def decode_logits(self, latents: torch.Tensor) -> torch.Tensor:
@@ -61,16 +71,16 @@ def logits_to_classes(logits: torch.Tensor) -> torch.Tensor:
 
 
 class LatentPrepare(nn.Module):
-    """``prepare(batch: OccBatch) -> (x1 (B, F, C, H, W), ForecastCond)``.
+    """``prepare(batch: OccBatch) -> (x1 (B, F, C, H, W), ForecastCond)``; ``prior``: the net's ego-motion prior.
 
     An ``nn.Module`` on purpose: an objective that stores it as an attribute (``self.prepare = prepare``)
     registers the frozen VAE as a submodule, so ``objective.to(device)`` moves it and the objective's
     checkpoint is self-contained (the VAE has no trainable parameters, so no optimiser or EMA sees it).
     """
 
-    def __init__(self, codec: LatentCodec):
+    def __init__(self, codec: LatentCodec, prior: str | None = None):
         super().__init__()
-        self.codec = codec
+        self.codec, self.prior = codec, prior
 
     def forward(self, batch):
-        return self.codec.encode(batch.future), self.codec.condition(batch)
+        return self.codec.encode(batch.future), self.codec.condition(batch, self.prior)

@@ -10,6 +10,11 @@ Conditioning vector = MLP(sinusoid(1000·t)) + MLP(Fourier(ego xy, yaw)) of the 
 DOME). ``drop_cond`` (B,) bool replaces the history by zeros *and* removes the trajectory term for those
 samples (condition dropout for classifier-free guidance).
 
+``prior`` ("cv-warp" | "warp", issue: a teacher that forecasts): the latents of the current frame warped to each
+future frame by the ego motion (extrapolated from the past poses, or the given future poses) enter the stem
+beside x_t. The dominant change of a driving scene is the ego's own motion; with the warp given, the network
+learns the residual (moving agents, newly seen space) instead of re-deriving a rigid warp from pose features.
+
 Sizes (measured): full scale ``OccForecaster(16, 4, 6, base_channels=80, channel_mult=(1, 2, 4),
 num_res_blocks=2, attn_levels=(1, 2), heads=5)`` on 16×50×50 latents = 28.06 M parameters (OccFM ≈ 30 M);
 tiny ``OccForecaster(8, 4, 6, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,),
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from occ_mfd.ego_motion import PRIORS
 from occ_mfd.models.blocks import SpatialAttnBlock, TemporalAttnBlock, TimeResBlock
 from occ_mfd.models.embeddings import fourier_features, timestep_embedding
 from occ_mfd.models.vae_blocks import group_norm
@@ -34,10 +40,13 @@ class ForecastCond:
 
     past_latents: (B, P, C, H, W) scaled VAE latents of the history (oldest first, current frame last).
     ego: (B, P+F, 4, 4) pose of each frame's ego in the current frame (``ego[:, P-1]`` = identity).
+    prior_latents: (B, F, C, H, W) scaled latents of the ego-motion prior (the current frame warped to each
+        future frame, :func:`occ_mfd.ego_motion.prior_frames`), or None; required by a net with ``prior``.
     """
 
     past_latents: torch.Tensor
     ego: torch.Tensor
+    prior_latents: torch.Tensor | None = None
 
 
 def ego_trajectory(ego: torch.Tensor, xy_scale: float = 0.02) -> torch.Tensor:
@@ -64,6 +73,7 @@ class OccForecaster(nn.Module):
         traj_freqs: int = 4,
         attn_backend: str = "auto",
         mid_attn: bool = True,
+        prior: str | None = None,
     ):
         # The constructor arguments, so an inference snapshot can rebuild this network (models/snapshot.py).
         init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -71,13 +81,21 @@ class OccForecaster(nn.Module):
         self.init_kwargs = init_kwargs
         if traj_mode not in ("past", "future"):
             raise ValueError(f"traj_mode must be 'past' or 'future', got {traj_mode!r}")
+        if prior not in (None, *PRIORS):
+            raise ValueError(f"prior must be None or one of {PRIORS}, got {prior!r}")
+        if prior == "warp" and traj_mode == "past":
+            # "warp" reads the true future poses: a past-conditioned model must not see them.
+            raise ValueError("prior='warp' uses the future ego poses: it needs traj_mode='future' "
+                             "(use prior='cv-warp' with traj_mode='past')")
+        self.prior = prior
         self.latent_channels, self.past, self.future, self.traj_mode = latent_channels, past, future, traj_mode
         self.base_channels, self.traj_freqs = base_channels, traj_freqs
         emb = 4 * base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
         n_traj = past + (future if traj_mode == "future" else 0)
         self.traj_mlp = nn.Sequential(nn.Linear(n_traj * 3 * (2 * traj_freqs + 1), emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.stem = nn.Conv3d(latent_channels, base_channels, 3, padding=1)  # over (T, H, W)
+        # With a prior, every frame carries two latents: future frames [x_t ‖ prior], past frames [latent ‖ 0].
+        self.stem = nn.Conv3d(latent_channels * (2 if prior else 1), base_channels, 3, padding=1)  # over (T, H, W)
         chs = [base_channels * m for m in channel_mult]
 
         def level(in_ch: int, out_ch: int, attn: bool) -> nn.ModuleList:
@@ -150,6 +168,14 @@ class OccForecaster(nn.Module):
         emb = self.embed(t.to(x_t.dtype).expand(B), cond.ego.to(x_t.dtype), keep)     # (B, D)
         past = cond.past_latents.to(x_t.dtype) * keep[:, None, None, None, None]        # zeroed history
         x = torch.cat([past, x_t], dim=1)                                             # (B, T, C, H, W)
+        if self.prior is not None:
+            if cond.prior_latents is None or cond.prior_latents.shape != x_t.shape:
+                got = None if cond.prior_latents is None else tuple(cond.prior_latents.shape)
+                raise ValueError(f"OccForecaster(prior={self.prior!r}) needs cond.prior_latents of shape "
+                                 f"{tuple(x_t.shape)}, got {got}")
+            # The prior is condition: CFG's unconditional branch drops it with the history.
+            prior = cond.prior_latents.to(x_t.dtype) * keep[:, None, None, None, None]
+            x = torch.cat([x, torch.cat([torch.zeros_like(past), prior], dim=1)], dim=2)  # (B, T, 2C, H, W)
         h = self.stem(x.transpose(1, 2)).transpose(1, 2)                              # (B, T, c0, H, W)
         skips = []
         for i, mods in enumerate(self.down):

@@ -79,8 +79,9 @@ class OccForecastPipeline(nn.Module):
 
     # ---------------------------------------------------------------------------------------- stages
     def encode(self, batch) -> ForecastCond:
-        """OccBatch → condition: scaled past latents (B, P, C, H, W) and ego poses (B, P+F, 4, 4)."""
-        return self.codec.condition(batch)
+        """OccBatch → condition: scaled past latents (B, P, C, H, W), ego poses (B, P+F, 4, 4) and the net's
+        ego-motion prior latents (B, F, C, H, W) when it has one."""
+        return self.codec.condition(batch, getattr(self.net, "prior", None))
 
     def noise(self, cond: ForecastCond, generator: torch.Generator | None = None) -> torch.Tensor:
         """x0 ~ N(0, I) of shape (B, F, C, H, W), float32.
