@@ -117,3 +117,26 @@ def test_pool_and_lidar_mask(root):
     assert OccSequenceDataset(root, "val", mask=None)[0].mask_future is None
     with pytest.raises(ValueError, match="not divisible by pool=3"):
         OccSequenceDataset(root, "val", pool=3)
+
+
+def test_frame_cache_returns_the_same_items_reads_each_frame_once_and_stays_within_budget(root, monkeypatch):
+    import occ_mfd.data.sequences as sequences
+
+    reads = []
+    real = sequences.read_labels
+    monkeypatch.setattr(sequences, "read_labels", lambda path, grid: reads.append(path) or real(path, grid))
+    plain = OccSequenceDataset(root, "train", pool=2, mask="lidar")
+    cached = OccSequenceDataset(root, "train", pool=2, mask="lidar", cache_mb=1.0)
+    reads.clear()
+    for i in range(len(cached)):
+        a, b = plain[i], cached[i]
+        np.testing.assert_array_equal(a.past, b.past)
+        np.testing.assert_array_equal(a.future, b.future)
+        np.testing.assert_array_equal(a.mask_future, b.mask_future)
+    frames = {(seq.scene, tok) for seq in map(cached.__getitem__, range(len(cached))) for tok in seq.tokens}
+    assert len(reads) == 10 * len(plain) + len(frames)         # the cached dataset read every frame once
+    # A budget of three frames (pooled: 10·10·2 B semantics + 200 B mask each) keeps three and evicts the oldest.
+    small = OccSequenceDataset(root, "train", pool=2, mask="lidar", cache_mb=3 * 400 / 2**20)
+    tokens = small[0].tokens
+    assert len(small._cache) == 3 and small._cached_bytes == 1200
+    assert [t for _, t in small._cache] == tokens[-3:]

@@ -7,6 +7,7 @@ frames contributes none, and windows touching a frame the index marks ``"labels"
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +39,17 @@ class OccSequenceDataset(Dataset):
         pool: load-time downsampling factor (see :mod:`occ_mfd.data.pool`); ``.grid`` is the pooled grid.
         mask: which visibility mask feeds ``mask_future`` ("camera", "lidar" or None for no mask).
         stride: step between consecutive window starts.
+        cache_mb: keep up to this many MB of loaded (pooled) frames in memory, least recently used out first
+            (0: none). Why: with stride 1 every frame belongs to up to P+F windows, and reading + decompressing
+            + pooling a label file costs more than a tiny model's training step on a CPU; the demo's whole
+            pooled dataset is ~25 MB. Per dataset instance (each DataLoader worker holds its own).
 
     Item: OccSequence with past (P, X, Y, Z) uint8, future (F, X, Y, Z) uint8, ego (P+F, 4, 4) float32,
     mask_future (F, X, Y, Z) bool or None, scene, tokens (P+F).
     """
 
     def __init__(self, root: str | os.PathLike, split: str | None = "train", past: int = 4, future: int = 6,
-                 pool: int = 1, mask: str | None = "camera", stride: int = 1):
+                 pool: int = 1, mask: str | None = "camera", stride: int = 1, cache_mb: float = 0.0):
         if past < 1 or future < 0 or stride < 1 or pool < 1:
             raise ValueError(f"OccSequenceDataset: need past ≥ 1, future ≥ 0, stride ≥ 1, pool ≥ 1; "
                              f"got past={past}, future={future}, stride={stride}, pool={pool}")
@@ -59,6 +64,9 @@ class OccSequenceDataset(Dataset):
         self.grid: GridSpec = self.source_grid.pooled(pool) if pool > 1 else self.source_grid
         self.split, self.past, self.future, self.pool = split, past, future, pool
         self.mask_key, self.stride = MASKS[mask], stride
+        self.cache_bytes = int(cache_mb * 2**20)
+        self._cache: OrderedDict[tuple[str, str], tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
+        self._cached_bytes = 0
         length = past + future
         self.windows: list[tuple[int, int]] = []  # (scene position in index.scenes, first frame)
         for si, scene in enumerate(self.index.scenes):
@@ -77,9 +85,23 @@ class OccSequenceDataset(Dataset):
         return len(self.windows)
 
     def _load(self, scene: str, token: str) -> tuple[np.ndarray, np.ndarray | None]:
+        key = (scene, token)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
         fr = read_labels(labels_path(self.root, scene, token), self.source_grid)
         sem = pool_semantics(fr.semantics, self.pool)
         m = None if self.mask_key is None else pool_mask(getattr(fr, self.mask_key), self.pool).astype(bool)
+        size = sem.nbytes + (0 if m is None else m.nbytes)
+        if size <= self.cache_bytes:
+            sem.setflags(write=False)               # shared by every window that holds the frame
+            if m is not None:
+                m.setflags(write=False)
+            self._cache[key] = (sem, m)
+            self._cached_bytes += size
+            while self._cached_bytes > self.cache_bytes:
+                old_sem, old_m = self._cache.popitem(last=False)[1]
+                self._cached_bytes -= old_sem.nbytes + (0 if old_m is None else old_m.nbytes)
         return sem, m
 
     def __getitem__(self, i: int) -> OccSequence:
