@@ -29,7 +29,7 @@ def test_demo_smoke(tmp_path):
 
     results = json.loads((w / "results.json").read_text())
     rows = {(r["name"], r["steps"]): r for r in results["rows"]}
-    assert set(rows) >= {("teacher", 10), ("teacher", 1), ("student", 1), ("copy-last", 0), ("warp-last", 0)}
+    assert set(rows) >= {("teacher", 10), ("teacher", 1), ("student", 1), ("copy-last", 0), ("cv-warp", 0), ("warp-last", 0)}
     for r in rows.values():
         assert list(r["iou"]) == HORIZONS and list(r["miou"]) == HORIZONS
         vals = [*r["iou"].values(), *r["miou"].values(), r["iou_mean_123"], r["iou_mean_all"]]

@@ -4,17 +4,21 @@
 
 Stages (each a separate tool, run as a subprocess so this file stays a thin list of commands):
 world → prepare → VAE → teacher → MFD student → eval → bench → GIF. A stage whose output already exists is
-skipped and says so, so running the demo again is cheap; the training stages resume by themselves.
+skipped and says so, so running the demo again is cheap; the training stages resume by themselves, from
+their last checkpoint (written every minute of training with the tiny configs, and on Ctrl-C / SIGTERM).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from occ_mfd.engine.preempt import EXIT_PREEMPTED   # stdlib only: the demo stays light
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -36,11 +40,37 @@ def run(stage: str, cmd: list[str], done: Path | None, timings: dict) -> None:
         return
     print(f"[demo] {stage}: {' '.join(str(c) for c in cmd)}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run([str(c) for c in cmd], cwd=REPO)
+    returncode, interrupted = _run_forwarding_signals([str(c) for c in cmd])
     timings[stage] = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"[demo] stage '{stage}' failed (exit {proc.returncode}); fix the error above and run the "
+    if interrupted or returncode == EXIT_PREEMPTED:
+        print(f"[demo] stopped during stage '{stage}' (exit {returncode}); run the same command again to "
+              f"continue: finished stages are reused and a training stage resumes from its last checkpoint.")
+        sys.exit(EXIT_PREEMPTED)
+    if returncode != 0:
+        sys.exit(f"[demo] stage '{stage}' failed (exit {returncode}); fix the error above and run the "
                  f"same command again: finished stages are reused.")
+
+
+def _run_forwarding_signals(cmd: list[str]) -> tuple[int, bool]:
+    """Run a stage in its own session and pass each Ctrl-C / SIGTERM / SIGHUP on to it exactly once.
+
+    In the terminal's process group a stage would get Ctrl-C directly, and ``subprocess.run`` would then
+    SIGKILL it 0.25 s later: a training stage had no time to write its checkpoint. Forwarding one signal per
+    signal keeps tools/train.py's rule (first: finish the step and checkpoint, second: exit at once).
+    Returns (exit status, whether a signal was forwarded)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+    got = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return proc.wait(), bool(got)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _pair(iou, miou) -> str:
@@ -83,7 +113,8 @@ def main() -> None:
     results, bench, gif = w / "results.json", w / "bench.json", w / "forecast.gif"
     eval_cmd = [PY, "tools/eval.py", "--data", occ, "--split", "val",
                 "--model", f"teacher={snap['teacher']}:steps=10", "--model", f"teacher={snap['teacher']}:steps=1",
-                "--model", f"student={snap['mfd']}:steps=1", "--baseline", "copy-last", "--baseline", "warp-last", "--recon",
+                "--model", f"student={snap['mfd']}:steps=1", "--recon",
+                "--baseline", "copy-last", "--baseline", "cv-warp", "--baseline", "warp-last",
                 "--out", results, "--csv", w / "results.csv", "--dump-forecasts", w / "forecasts", "--dump-count", 2,
                 "--plot", w / "horizons.png"]
     if size["max_eval"]:

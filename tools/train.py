@@ -3,7 +3,10 @@
     python tools/train.py CONFIG [--work-dir D] [--cfg-options k=v ...] [--device cpu|cuda] [--max-steps N]
     torchrun --nproc_per_node=K tools/train.py CONFIG ...      # DistributedDataParallel
 
-Running the same command again resumes from ``<work-dir>/latest.pt``; a finished run exits 0 at once.
+Running the same command again resumes from ``<work-dir>/latest.pt`` (or, if that cannot be read, from the
+newest kept checkpoint that can); a finished run exits 0 at once. SIGTERM or Ctrl-C: the current step
+finishes, a checkpoint is written and the command exits with status 143 (``EXIT_PREEMPTED``); a second
+signal exits at once. Exit status: 0 finished, 1 error, 143 stopped at a checkpoint (run it again to resume).
 With every checkpoint the stage writes ``<work-dir>/snapshot.pt``, the inference snapshot that eval, bench,
 the viewer and the next stage load.
 """
@@ -15,8 +18,10 @@ from pathlib import Path
 
 from mmengine.config import Config, DictAction
 
+from occ_mfd.engine.checkpoint import CheckpointUnreadable
 from occ_mfd.engine.logging import log_to_stdout
 from occ_mfd.engine.loop import NonFiniteError, train
+from occ_mfd.engine.preempt import EXIT_PREEMPTED
 
 
 def main(argv=None) -> int:
@@ -40,11 +45,11 @@ def main(argv=None) -> int:
     log_to_stdout()
     work_dir = args.work_dir or str(Path("work_dirs") / Path(args.config).stem)
     try:
-        train(cfg, work_dir, device=args.device, resume=not args.no_resume)
-    except NonFiniteError as e:
+        result = train(cfg, work_dir, device=args.device, resume=not args.no_resume)
+    except (NonFiniteError, CheckpointUnreadable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return EXIT_PREEMPTED if result.stopped_by and not result.finished else 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ train = dict(
     amp="bf16",            # bf16 autocast on CUDA only; CPU always runs fp32
     log_interval=50,
     ckpt_interval=5000,
+    ckpt_minutes=20,       # also checkpoint after this much wall time (whichever comes first): a killed or
+                           # preempted job loses at most this much; SIGTERM/Ctrl-C write one at once
     keep_ckpts=3,
     seed=0,
     max_nonfinite=20,      # stop after this many non-finite steps in a row

@@ -3,7 +3,8 @@
 _base_ = ["../_base_/train_defaults.py"]
 
 data = dict(type="occ_mfd.data.sequences.OccSequenceDataset", root="data/occ", split="train",
-            past=4, future=6, pool=2, mask=None, stride=1)
+            past=4, future=6, pool=2, mask=None, stride=1,
+            cache_mb=256)  # the demo's pooled data is ~25 MB: every frame is read from disk once
 objective = dict(
     type="occ_mfd.objectives.mfd.OccMeanFlowDistillation",
     teacher_snapshot="work_dirs/occfm/snapshot.pt",
@@ -18,4 +19,5 @@ optim = dict(_delete_=True,  # replace the base file's single "main" group
              aux=dict(lr=3e-4, weight_decay=1e-4, grad_clip=1.0),
              student=dict(lr=3e-4, weight_decay=1e-4, grad_clip=1.0))
 train = dict(max_steps=160, batch_size=2, num_workers=0, warmup_steps=0, schedule="constant",
-             ema_decay=0.99, amp=None, log_interval=20, ckpt_interval=200, keep_ckpts=2)
+             ema_decay=0.99, amp=None, log_interval=20, ckpt_interval=200, keep_ckpts=2,
+             ckpt_minutes=1)  # a slow CPU loses at most a minute when stopped

@@ -9,6 +9,11 @@ rank: torch, numpy, python, cuda) · ``loader`` (epoch / batch within the epoch,
 is a function of ``step``) · ``guard`` (non-finite counters) · ``config`` (resolved config text) ·
 ``grid`` (``GridSpec.to_dict()`` or None) · ``git_rev`` · ``torch_version``.
 
+Checkpoints are written by step (``ckpt_interval``), by wall time (``ckpt_minutes``) and on a stop signal
+(:mod:`occ_mfd.engine.preempt`); all are the same kind of file and ``keep`` counts them together.
+:func:`find_resumable` picks what a run resumes from: ``latest.pt``, or, if it cannot be read (truncated,
+corrupt, foreign), the newest kept ``ckpt_*.pt`` that can, saying so; never silently nothing.
+
 Schedules are pure functions of the step (:mod:`occ_mfd.engine.schedule`) and bf16 autocast needs no
 grad scaler, so neither has state to store.
 """
@@ -29,6 +34,10 @@ from occ_mfd.builder import build
 
 FORMAT = "occ_mfd.ckpt/1"
 LATEST = "latest.pt"
+
+
+class CheckpointUnreadable(RuntimeError):
+    """A work dir holds checkpoints, but none of them can be loaded."""
 
 
 def ckpt_name(step: int) -> str:
@@ -137,6 +146,45 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
                          f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}, "
                          f"expected {FORMAT!r})")
     return ckpt
+
+
+def find_resumable(work_dir: str | os.PathLike, warn=None) -> tuple[Path, dict] | None:
+    """``(path, checkpoint)`` to resume ``work_dir`` from, or None if it holds no checkpoint at all.
+
+    ``latest.pt`` first, then the kept ``ckpt_*.pt``, newest first; each one that cannot be loaded is
+    reported through ``warn(message)`` with its path and the error. If checkpoints exist but none loads,
+    raises :class:`CheckpointUnreadable` rather than letting the run start again from step 0."""
+    work_dir = Path(work_dir)
+    latest = work_dir / LATEST
+    kept = sorted(work_dir.glob("ckpt_*.pt"), reverse=True)   # zero-padded step numbers: newest first
+    candidates = ([latest] if latest.is_file() else []) + kept
+    failed = []
+    for i, path in enumerate(candidates):
+        if i > 0 and latest.is_file() and _same_file(path, latest):
+            continue                      # latest.pt is a hard link to it: the same bytes already failed
+        try:
+            ckpt = load_checkpoint(path)
+        except (RuntimeError, ValueError) as e:
+            failed.append(path)
+            if warn is not None:
+                warn(f"warning: cannot resume from {path}: {e}")
+            continue
+        if failed and warn is not None:
+            warn(f"resuming from {path} instead (step {int(ckpt['step'])}), the newest checkpoint that loads")
+        return path, ckpt
+    if failed:
+        raise CheckpointUnreadable(
+            f"{work_dir}: no checkpoint can be loaded (tried {', '.join(str(p) for p in failed)}); refusing to "
+            f"start again from step 0 over them: move them away, or start from scratch on purpose "
+            f"(tools/train.py --no-resume)")
+    return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def load_config_from_checkpoint(ckpt: dict | str | os.PathLike) -> Config:

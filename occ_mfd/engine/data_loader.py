@@ -9,6 +9,7 @@ the uninterrupted run would have seen, without loading the skipped ones.
 from __future__ import annotations
 
 import itertools
+import signal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -32,6 +33,18 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the workers ignore SIGTERM / SIGINT.
+
+    Why: a scheduler (SLURM) and a terminal's Ctrl-C signal the whole process group. The trainer turns the
+    signal into "finish the step, checkpoint, stop" (:mod:`occ_mfd.engine.preempt`); a worker killed by it
+    would instead make torch raise "DataLoader worker ... killed by signal" inside the trainer before it can
+    save. Workers still end with the trainer: it shuts them down, and they watch their parent if it dies.
+    """
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class StepLoader:
     """``batch(step)`` → the batch of global step ``step`` (steps must be requested in order, as the loop
     does; a jump, e.g. on resume, restarts the iterator at the right position)."""
@@ -50,7 +63,8 @@ class StepLoader:
         self.generator = torch.Generator()
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
                                  collate_fn=collate_fn, drop_last=True, pin_memory=pin_memory,
-                                 generator=self.generator)
+                                 generator=self.generator,
+                                 worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
         self._it = None
         self._next_step = None
 

@@ -56,6 +56,15 @@ def all_reduce_min(x: float) -> float:
     return float(t.item())
 
 
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise maximum of a list of floats over ranks (the list itself without a process group)."""
+    if not is_active():
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def all_gather_object(obj) -> list:
     """[obj of rank 0, obj of rank 1, …]; ``[obj]`` without a process group."""
     if not is_active():

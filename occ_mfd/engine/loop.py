@@ -15,8 +15,13 @@ Per step: ``phase = objective.phase(step)``; zero the grads of every group; forw
 CUDA when ``amp="bf16"``); backward; clip the phase's group; if the loss and grad norm are finite on all
 ranks, step the phase's AdamW and update the EMA of the modules that share parameters with that group,
 else skip the update (the batch is consumed; ``max_nonfinite`` skips in a row stop the run).
-``step`` counts batches, globally; checkpoints every ``ckpt_interval`` steps and at the end, each with the
-stage's inference snapshot (``snapshot.pt``: the EMA weights of what ``objective.inference_parts()`` names).
+``step`` counts batches, globally; checkpoints every ``ckpt_interval`` steps, after ``ckpt_minutes`` of wall
+time since the last one (whichever comes first; None or 0: by steps only), at the end, and on a stop signal,
+each with the stage's inference snapshot (``snapshot.pt``: the EMA weights of what
+``objective.inference_parts()`` names). SIGTERM / SIGINT during training (:mod:`occ_mfd.engine.preempt`): the
+current step finishes, a checkpoint is written, and ``train`` returns with ``stopped_by`` set; a second signal
+exits at once. Resuming starts from ``latest.pt``, or from the newest kept checkpoint that loads if it cannot
+be read (:func:`occ_mfd.engine.checkpoint.find_resumable`).
 The loop never switches train/eval modes: the objective owns that (e.g. its frozen teacher stays in eval
 mode). Messages go to this module's ``logging`` logger (rank 0 only); ``tools/train.py`` prints them.
 """
@@ -27,6 +32,8 @@ import logging
 import math
 import os
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +49,7 @@ from occ_mfd.engine.data_loader import StepLoader
 from occ_mfd.engine.ema import EMA
 from occ_mfd.engine.logging import TrainLogger
 from occ_mfd.engine.optim import build_optimizers, clip_grads, set_lr
+from occ_mfd.engine.preempt import REPEAT_WINDOW_S, StopSignals, signal_name
 from occ_mfd.grid import GridSpec
 from occ_mfd.models.snapshot import SNAPSHOT, Snapshot, save_snapshot, snapshot_from_parts
 
@@ -49,7 +57,8 @@ log = logging.getLogger(__name__)
 
 TRAIN_DEFAULTS = dict(
     max_steps=1000, batch_size=1, num_workers=0, warmup_steps=0, schedule="cosine", min_lr_ratio=0.2,
-    ema_decay=0.9999, amp=None, log_interval=10, ckpt_interval=1000, keep_ckpts=3, seed=0, max_nonfinite=20,
+    ema_decay=0.9999, amp=None, log_interval=10, ckpt_interval=1000, ckpt_minutes=30.0, keep_ckpts=3, seed=0,
+    max_nonfinite=20,
     collate="occ_mfd.data.records.collate_sequences", tensorboard=True, find_unused_parameters=None,
 )
 
@@ -63,6 +72,7 @@ class TrainResult:
     step: int                    # steps done
     checkpoint: Path | None      # newest checkpoint written or resumed from
     finished: bool               # step == max_steps
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT" when a signal (on any rank) ended the run early
 
 
 def train_config(cfg: Config) -> dict:
@@ -101,9 +111,10 @@ def _grid_dict(dataset, cfg: Config):
 
 
 def train(cfg: Config | dict, work_dir: str | os.PathLike, *, device: str | torch.device | None = None,
-          resume: bool = True) -> TrainResult:
+          resume: bool = True, clock: Callable[[], float] = time.monotonic) -> TrainResult:
     """Train ``cfg`` in ``work_dir``, resuming from ``work_dir/latest.pt`` when ``resume`` and it exists.
-    Under torchrun (or in an existing process group) this process is one DDP rank."""
+    Under torchrun (or in an existing process group) this process is one DDP rank. ``clock`` (seconds)
+    times ``ckpt_minutes``; tests inject a fake one."""
     cfg = cfg if isinstance(cfg, Config) else Config(cfg)
     tc = train_config(cfg)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -113,7 +124,7 @@ def train(cfg: Config | dict, work_dir: str | os.PathLike, *, device: str | torc
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        return _train(cfg, tc, Path(work_dir), device, info, resume, log.info if info.is_main else _mute)
+        return _train(cfg, tc, Path(work_dir), device, info, resume, log.info if info.is_main else _mute, clock)
     finally:
         du.teardown(info)
 
@@ -122,10 +133,10 @@ def _mute(*args, **kwargs):
     pass
 
 
-def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
+def _train(cfg, tc, work_dir, device, info, resume, say, clock) -> TrainResult:
     max_steps = int(tc["max_steps"])
-    latest = work_dir / ck.LATEST
-    ckpt = ck.load_checkpoint(latest) if resume and latest.is_file() else None
+    found = ck.find_resumable(work_dir, log.warning if info.is_main else _mute) if resume else None
+    latest, ckpt = found if found is not None else (work_dir / ck.LATEST, None)
     if ckpt is not None and int(ckpt["step"]) >= max_steps:
         say(f"{work_dir}: training already finished (step {int(ckpt['step'])} >= max_steps {max_steps}); "
             f"nothing to do")
@@ -194,7 +205,10 @@ def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
     writes_snapshot = objective.inference_parts() is not None
     # No model.train() here: modules are built in train mode, and objectives keep frozen networks (MFD's
     # teacher) in eval mode themselves; a blanket .train() would re-enable their dropout.
-    try:
+    ckpt_seconds = 60.0 * float(tc["ckpt_minutes"] or 0.0)
+    last_save, stopped_by = clock(), None
+    # Signal handlers only around the steps, restored afterwards (library code keeps no global state).
+    with StopSignals() as stop, contextlib.closing(logger):
         while step < max_steps:
             batch = to_device(loader.batch(step), device)
             phase = objective.phase(step)
@@ -210,7 +224,15 @@ def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
             extra_logs = objective.after_backward(phase)
             loss = float(out.loss.detach().float())
             gnorm = clip_grads(groups[phase], optim_cfg[phase].get("grad_clip"))
-            ok = du.all_reduce_min(float(math.isfinite(loss) and math.isfinite(gnorm))) > 0
+            finite = math.isfinite(loss) and math.isfinite(gnorm)
+            time_due = ckpt_seconds > 0 and clock() - last_save >= ckpt_seconds
+            # One all_reduce(MAX) per step carries three decisions every rank must take together: skip the
+            # update (any rank non-finite), stop (a signal reached any rank: torchrun and SLURM may signal
+            # ranks at slightly different times, or only some), and save by wall time (clocks differ per
+            # rank). Agreeing here, before the step ends, makes all ranks save the same step and leave the
+            # loop together, with no extra collective and no rank left waiting in the next one.
+            bad, signum, time_due = du.all_reduce_max([float(not finite), float(stop.signum), float(time_due)])
+            ok, signum, time_due = bad == 0, int(signum), time_due > 0
             if ok:
                 opts[phase].step()
                 if ema is not None and ema_of[phase]:
@@ -233,12 +255,24 @@ def _train(cfg, tc, work_dir, device, info, resume, say) -> TrainResult:
             logger.update(step, phase, scalars)
             if step % int(tc["log_interval"]) == 0 or step == max_steps:
                 logger.flush(step)
-            if step % int(tc["ckpt_interval"]) == 0 or step == max_steps:
+            if signum and step < max_steps:
+                say(f"{signal_name(signum)} received: step {step} done, writing a checkpoint before stopping "
+                    f"(the same signal again, {REPEAT_WINDOW_S:g} s or more later, exits at once without one)")
+            if step % int(tc["ckpt_interval"]) == 0 or step == max_steps or time_due or signum:
                 last_ckpt = _save(work_dir, step, objective, opts, ema, guard, loader, cfg, grid, info, tc)
-                say(f"saved {last_ckpt}" + (f" and {work_dir / SNAPSHOT}" if writes_snapshot else ""))
-    finally:
-        logger.close()
-    return TrainResult(step, last_ckpt, step >= max_steps)
+                last_save = clock()
+                why = "" if step % int(tc["ckpt_interval"]) == 0 or step == max_steps else (
+                    f" (stop requested by {signal_name(signum)})" if signum else
+                    f" ({tc['ckpt_minutes']} min since the last checkpoint)")
+                say(f"saved {last_ckpt}" + (f" and {work_dir / SNAPSHOT}" if writes_snapshot else "") + why)
+            if signum and step < max_steps:
+                stopped_by = signal_name(signum)
+                if step % int(tc["log_interval"]):
+                    logger.flush(step)       # the steps since the last progress line are logged too
+                say(f"stopped by {stopped_by} at step {step}/{max_steps}; checkpoint: {last_ckpt}. Run the same "
+                    f"command again to resume from it")
+                break
+    return TrainResult(step, last_ckpt, step >= max_steps, stopped_by)
 
 
 def _restore_snapshot(latest: Path, ckpt: dict, work_dir: Path, say) -> None:
