@@ -11,17 +11,19 @@ updates at the shared aux:student ratio 4:1 (Adam lr 1e-3, batch 256), fresh noi
 Suite ``cond`` (§12 B): four classes, each two anisotropic outer modes and a narrow 10 % inner mode, an exact
 teacher guided with CFG w = 2, a conditional MLP student fitted to the class velocities (20 % null); metrics
 against the guided teacher's 1000-step ODE (2000 samples per class), see :func:`run_cond`.
-Methods: ``mfd`` (h = 0.02), ``vsd`` (Diff-Instruct: s = t ~ U(0, 1)), ``dmd2`` (no GAN), ``cd`` (one-step
-consistency distillation, N = 40, EMA target 0.95, pseudo-Huber; it uses data samples, no aux), and ablations
+Methods: ``mfd`` (h = 0.02), ``vsd`` (Diff-Instruct: s = t ~ U(0, 1)), ``dmd2`` (no GAN), ``senseflow`` (DMD2 +
+intra-segment guidance + IDA λ = 0.97, no discriminator), ``cd`` (one-step consistency distillation, N = 40, EMA
+target 0.95, pseudo-Huber; it uses data samples, no aux), ``ayf`` (AYF-EMD: a two-time flow-map student, the fitted
+MLP + a zero-initialised Δt path; c = 0.1, warm-up H = 10 % of ``--updates``; data samples, no aux), and ablations
 ``mfd_coupled`` (x_s from the generator's own noise), ``vsd_max2`` (t = max of two uniforms), ``mfd_h<H>``.
-Not yet here: suite ``occ`` (tiny occupancy), methods ``senseflow``, ``ayf`` — asking for them is an error that
-says so.
+Not yet here: suite ``occ`` (tiny occupancy) — asking for it is an error that says so.
 
 JSON: ``{"settings", "rows": [one per (suite, method, seed)], "summary": {suite: {method: {metric: [mean,
 std over seeds]}}}}``; row keys: suite, method, seed, updates, energy_distance, energy_distance_init,
 energy_distance_floor, mode_tv, coupling_error (E||G(z) − Φ_T(z)||, the same z), rel_grad_var_init
 (tr Cov(g) / ||E g||² at the shared start), grad_var, grad_snr (running, from the objective), ms_per_update
-(amortised over the aux updates), nfe_per_update (per student update: teacher + aux + student), curve
+(amortised over the aux updates), nfe_per_update (per student update: teacher + aux + student forwards + the
+JVP's 2), curve
 ([[student updates, energy distance], ...]); toy: mode_recall; cond: energy_distance_data, narrow_mass,
 narrow_mass_reference.
 """
@@ -47,16 +49,18 @@ from occ_mfd.atomic import atomic_write  # noqa: E402
 from occ_mfd.flow.guidance import guided  # noqa: E402
 from occ_mfd.flow.solver import euler_integrate  # noqa: E402
 from occ_mfd.flow.time_sampling import time_grid  # noqa: E402
+from occ_mfd.objectives.ayf import AlignYourFlow, flow_map_student  # noqa: E402
 from occ_mfd.objectives.cd import ConsistencyDistillation  # noqa: E402
 from occ_mfd.objectives.dmd2 import DistributionMatchingDistillation  # noqa: E402
 from occ_mfd.objectives.mfd import MeanFlowDistillation  # noqa: E402
+from occ_mfd.objectives.senseflow import SenseFlowDistillation  # noqa: E402
 
 SUITES = {"toy", "cond"}
 PLANNED_SUITES = {"occ"}
-METHODS = ("mfd", "vsd", "dmd2", "cd", "mfd_coupled", "vsd_max2")
-PLANNED_METHODS = ("senseflow", "ayf")
+METHODS = ("mfd", "vsd", "dmd2", "senseflow", "cd", "ayf", "mfd_coupled", "vsd_max2")
+PLANNED_METHODS = ()
 TOY = dict(fit_steps=1500, aux_warmup=300, batch=256, lr=1e-3, aux_steps=4, h=0.02, eval_n=2000, grad_reps=50,
-           curve_every=100, cond_cfg_scale=2.0, ref_steps=1000)
+           curve_every=100, cond_cfg_scale=2.0, ref_steps=1000, ayf_warmup_frac=0.1)
 
 
 def check_method(name: str) -> None:
@@ -70,15 +74,22 @@ def check_method(name: str) -> None:
 
 def make_objective(name: str, teacher, student, aux, cfg: dict, cfg_scale: float, data_for=None):
     """The objective of method ``name`` on copies of the shared student and warmed-up aux. ``data_for(batch)``:
-    real samples for a batch, for the data-based method (CD); the others only use the batch's shape/labels."""
+    real samples for a batch, for the data-based methods (CD, AYF); the others only use the batch's shape/labels.
+    ``cfg["updates"]``: the student-update budget (AYF's warm-up is a fraction of it)."""
     prepare = prepare_of(cfg)
     student, aux = copy.deepcopy(student), copy.deepcopy(aux)
+    data_prepare = lambda b: (data_for(b), prepare(b)[1])  # noqa: E731
     if name == "cd":   # no aux; N = 40 on the toys (DISTILLERS.md §5 "Benchmark"), uniform grid as the toy teacher
-        return ConsistencyDistillation(teacher, student, lambda b: (data_for(b), prepare(b)[1]), cfg_scale=cfg_scale,
-                                       grid_steps=40, shift=1.0)
+        return ConsistencyDistillation(teacher, student, data_prepare, cfg_scale=cfg_scale, grid_steps=40, shift=1.0)
+    if name == "ayf":  # no aux; the MLP's Δt features enter after its first Linear (occ_mfd/models/flow_map.py)
+        warmup = round(cfg["ayf_warmup_frac"] * cfg.get("updates", 0))
+        return AlignYourFlow(teacher, flow_map_student(student, inject_at="net.0", dt_path="fourier"), data_prepare,
+                             cfg_scale=cfg_scale, warmup_updates=warmup)
     kw = dict(cfg_scale=cfg_scale, aux_steps=cfg["aux_steps"], student_steps=1)
     if name == "dmd2":
         return DistributionMatchingDistillation(teacher, student, aux, prepare, **kw)
+    if name == "senseflow":
+        return SenseFlowDistillation(teacher, student, aux, prepare, **kw)
     h = float(name[len("mfd_h"):]) if name.startswith("mfd_h") else cfg["h"]
     extra = {"mfd_coupled": dict(noise="coupled"), "vsd": dict(s_neq_t_ratio=0.0),
              "vsd_max2": dict(s_neq_t_ratio=0.0, vsd_time="max2")}.get(name, {})
@@ -99,13 +110,18 @@ def mode_stats(x: torch.Tensor, gmm: GaussianMixture2D) -> tuple[float, float]:
 
 
 def relative_grad_variance(obj, make_batch, batch: int, reps: int, seed: int) -> float:
-    """tr Cov(g) / ||E g||² of the student gradient over ``reps`` batches at the current state."""
+    """tr Cov(g) / ||E g||² of the student gradient over ``reps`` batches at the current state. The objective's
+    state is restored afterwards: a forward may schedule a post-step edit (SenseFlow's IDA, CD's target EMA) or
+    count an update (AYF's warm-up), and no optimiser step happens here."""
+    state = copy.deepcopy(obj.state_dict())
     gs = []
     for r in range(reps):
         torch.manual_seed(seed + 1000 + r)
         obj.student.zero_grad()
         obj(make_batch(batch), "student").loss.backward()
         gs.append(torch.cat([p.grad.reshape(-1) for p in obj.param_groups()["student"]]))
+    obj.load_state_dict(state)
+    obj.student.zero_grad()
     g = torch.stack(gs)
     return float(g.var(0).sum() / g.mean(0).pow(2).sum())
 
@@ -149,7 +165,8 @@ def train_method(name, obj, make_batch, updates: int, seed: int, cfg: dict, eval
         if ph == "student":
             done += 1
             bar.update()
-            nfe.append(float(out.logs["nfe_teacher"]) + float(out.logs["nfe_aux"]) + 1)
+            nfe.append(sum(float(out.logs.get(k, d)) for k, d in
+                           (("nfe_teacher", 0), ("nfe_aux", 0), ("nfe_student", 1), ("nfe_jvp", 0))))
             if done % cfg["curve_every"] == 0:
                 curve.append([done, evaluate(obj)["energy_distance"]])
     bar.close()
@@ -384,14 +401,15 @@ def main(argv=None) -> int:
     for m in a.methods:
         check_method(m)
     torch.set_num_threads(a.threads)
-    cfg = dict(TOY, **(dict(fit_steps=200, aux_warmup=50, eval_n=500, grad_reps=8, curve_every=10, ref_steps=200)
-                       if a.quick else {}))
+    cfg = dict(TOY, updates=a.updates,
+               **(dict(fit_steps=200, aux_warmup=50, eval_n=500, grad_reps=8, curve_every=10, ref_steps=200)
+                  if a.quick else {}))
     runners = {"toy": run_toy, "cond": run_cond}
     rows = []
     for suite in a.suite:
         for seed in a.seeds:
             rows += runners[suite](a.methods, seed, a.updates, cfg, progress=not a.quick)
-    res = {"settings": {**cfg, "updates": a.updates, "seeds": a.seeds, "aux_student_ratio": f"{cfg['aux_steps']}:1"},
+    res = {"settings": {**cfg, "seeds": a.seeds, "aux_student_ratio": f"{cfg['aux_steps']}:1"},
            "rows": rows, "summary": summarise(rows)}
     atomic_write(Path(a.out), lambda f: f.write(json.dumps(res, indent=2)), binary=False)
     if a.plot:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.distill_study import main  # noqa: E402
+from benchmarks.distill_study import check_method, main  # noqa: E402
 
 
 @pytest.mark.slow
@@ -39,8 +39,8 @@ def test_quick_cond_study_row(tmp_path):
 
 
 def test_unknown_names_are_clear_errors():
-    with pytest.raises(SystemExit, match="'senseflow' is planned"):
-        main(["--methods", "senseflow"])
+    for name in ("senseflow", "ayf"):                                   # implemented now
+        check_method(name)
     with pytest.raises(SystemExit, match="unknown method 'mdf'"):
         main(["--methods", "mdf"])
     with pytest.raises(SystemExit, match="suite 'occ': planned"):
@@ -53,3 +53,24 @@ def test_aux_free_cd_gets_the_same_number_of_student_updates(tmp_path):
     assert main(["--quick", "--methods", "cd", "--seeds", "0", "--updates", "12", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["updates"] == 12 and row["curve"][-1][0] == 10      # curve every 10 updates at --quick
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite,updates,nfe", [("toy", 20, {"senseflow": 5, "ayf": 4}),
+                                                ("cond", 10, {"senseflow": 7, "ayf": 5})])
+def test_quick_senseflow_and_ayf_rows_match_the_others(tmp_path, suite, updates, nfe):
+    """Both new methods get the same number of student updates and the same row fields as DMD2. NFE per student
+    update: SenseFlow = DMD2's (teacher + fake + student) + ISG's teacher step and student forward; AYF = teacher +
+    student + the JVP's 2, no aux. Under CFG (cond) every teacher call counts 2."""
+    out = tmp_path / "n.json"
+    assert main(["--quick", "--suite", suite, "--methods", "dmd2", "senseflow", "ayf", "--seeds", "0",
+                 "--updates", str(updates), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    dmd2, sf, ayf = res["rows"]
+    assert [(r["method"], r["updates"], r["curve"][-1][0]) for r in res["rows"]] == [
+        (m, updates, updates) for m in ("dmd2", "senseflow", "ayf")]
+    assert set(sf) == set(dmd2) == set(ayf)
+    assert (sf["nfe_per_update"], ayf["nfe_per_update"]) == (nfe["senseflow"], nfe["ayf"])
+    assert res["settings"]["updates"] == updates and set(res["summary"][suite]) == {"dmd2", "senseflow", "ayf"}
+    if suite == "toy":
+        assert sf["energy_distance"] < sf["energy_distance_init"]          # 20 updates already help

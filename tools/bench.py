@@ -160,15 +160,17 @@ def training_objective(snapshot_path, device):
 def training_steps(args, batch, device) -> dict:
     big = OccBatch(past=batch.past.repeat(args.train_batch_size, 1, 1, 1, 1),
                    future=batch.future.repeat(args.train_batch_size, 1, 1, 1, 1),
-                   ego=batch.ego.repeat(args.train_batch_size, 1, 1, 1))
+                   ego=batch.ego.repeat(args.train_batch_size, 1, 1, 1), grid=batch.grid)
     kw = dict(runs=args.train_runs, warmup=args.train_warmup, device=device)
     out = {"batch_size": args.train_batch_size}
     teacher = training_objective(args.teacher, device)
     out["teacher_fm"] = {**time_training_step(teacher, big, teacher.phase(0), **kw), "nfe": 1}
     if args.student:
-        mfd = training_objective(args.student, device)
-        out["mfd_aux"] = {**time_training_step(mfd, big, "aux", **kw), "nfe": 2}   # student fwd + aux fwd/bwd
-        out["mfd_student"] = time_training_step(mfd, big, "student", **kw)
+        distiller = training_objective(args.student, device)
+        name = "mfd" if distiller.kind == "student" else distiller.kind        # MFD's snapshot kind is "student"
+        if "aux" in distiller.param_groups():        # aux-free distillers (CD, AYF) have no aux phase to time
+            out[f"{name}_aux"] = {**time_training_step(distiller, big, "aux", **kw), "nfe": 2}  # student fwd + aux
+        out[f"{name}_student"] = time_training_step(distiller, big, "student", **kw)
     return out
 
 

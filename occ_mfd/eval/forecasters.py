@@ -13,8 +13,9 @@ from typing import Protocol
 import torch
 
 from occ_mfd.grid import GridSpec
+from occ_mfd.models.flow_map import is_flow_map
 from occ_mfd.models.pipeline import Forecast, OccForecastPipeline
-from occ_mfd.models.snapshot import load_snapshot
+from occ_mfd.models.snapshot import FLOW_MAP_KINDS, load_snapshot
 
 
 class Forecaster(Protocol):
@@ -30,7 +31,8 @@ class ForecasterInfo:
 
     kind: the snapshot's kind, one of ``models.snapshot.FORECASTER_KINDS`` (the default row name). grid: the snapshot's (pooled) GridSpec or
     None. pool/past/future: the training data's. steps/shift/cfg_scale: the sampler defaults.
-    num_classes: the decoder's classes. step: training steps behind the weights.
+    num_classes: the decoder's classes. step: training steps behind the weights. flow_map: the network is a
+    two-time flow map behind its endpoint (``models.flow_map.FlowMapEndpoint``; steps = 1 samples it exactly).
     """
 
     path: str
@@ -45,6 +47,7 @@ class ForecasterInfo:
     num_classes: int | None = None
     step: int = 0
     git_rev: str = "unknown"
+    flow_map: bool = False
 
 
 class PipelineForecaster:
@@ -69,16 +72,22 @@ def load_forecaster(path: str | os.PathLike, device: str | torch.device = "cpu")
     """Inference snapshot (file or stage work dir) → ``(OccForecastPipeline on device, ForecasterInfo)``.
 
     Raises FileNotFoundError for a missing file and ValueError naming the file for anything unusable (e.g.
-    a VAE snapshot, or a full training checkpoint: its stage's snapshot.pt is named in the message).
+    a VAE snapshot, a full training checkpoint: its stage's snapshot.pt is named in the message, or a flow-map kind
+    whose network has no interval input).
     """
     snap = load_snapshot(path)
     pipeline = snap.pipeline()
+    flow_map = is_flow_map(pipeline.net)
+    if snap.kind in FLOW_MAP_KINDS and not flow_map:
+        raise ValueError(f"snapshot {snap.path}: kind {snap.kind!r} is a two-time flow-map student, but its network "
+                         f"{type(pipeline.net).__name__} has no interval input (s, t); expected a "
+                         f"models.flow_map.FlowMapEndpoint (a velocity snapshot, e.g. a teacher, is not a flow map)")
     info = ForecasterInfo(
         path=snap.path, kind=snap.kind, grid=GridSpec.from_dict(snap.grid) if snap.grid else None,
         pool=int(snap.data.get("pool", 1)), past=int(snap.data.get("past", 4)),
         future=int(snap.data.get("future", 6)), steps=pipeline.steps, shift=pipeline.shift,
         cfg_scale=pipeline.cfg_scale, num_classes=pipeline.codec.vae.num_classes, step=snap.step,
-        git_rev=snap.git_rev)
+        git_rev=snap.git_rev, flow_map=flow_map)
     return pipeline.to(device).eval(), info
 
 

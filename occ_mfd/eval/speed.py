@@ -160,8 +160,8 @@ def runtime_info(device: torch.device | str, dtype: str = "float32") -> dict:
 def time_training_step(objective, batch, phase: str, *, runs: int = 10, warmup: int = 2, device="cpu",
                        lr: float = 1e-6) -> dict:
     """Median / p90 ms of one optimiser step of ``objective`` in ``phase`` (forward incl. ``prepare``, backward,
-    AdamW step) and the NFE the objective's logs report (``nfe_teacher`` + ``nfe_aux`` + 1 student forward for an
-    MFD student step). The objective's weights change: pass a copy."""
+    AdamW step) and the NFE the objective's logs report (the sum of its ``nfe_*`` scalars — teacher, aux, JVP —
+    plus 1 student forward unless it logs ``nfe_student``). The objective's weights change: pass a copy."""
     params = objective.param_groups()[phase]
     opt = torch.optim.AdamW(params, lr=lr)
     objective.train()
@@ -177,8 +177,9 @@ def time_training_step(objective, batch, phase: str, *, runs: int = 10, warmup: 
         if i >= 0:
             times.append(1e3 * (time.perf_counter() - t0))
             logs = out.logs
-            if "nfe_teacher" in logs:
-                nfes.append(float(logs["nfe_teacher"]) + float(logs["nfe_aux"]) + 1)
+            counts = {k: float(v) for k, v in logs.items() if k.startswith("nfe_")}
+            if counts:   # a distiller's step: its teacher / aux / JVP evaluations, + 1 student forward unless logged
+                nfes.append(sum(counts.values()) + (0.0 if "nfe_student" in counts else 1.0))
     res = {"ms_median": float(np.median(times)), "ms_p90": float(np.percentile(times, 90)), "runs": runs}
     if nfes:
         res["nfe_median"] = float(np.median(nfes))

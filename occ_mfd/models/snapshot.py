@@ -11,7 +11,7 @@ weights are in that stage's own state_dict anyway).
 
 File format (``torch.save`` of plain containers, loadable with ``weights_only=True``)::
 
-    format "occ_mfd.snapshot/1" · kind ("vae" | "teacher" | "student" | "vsd") · networks {name: {class, kwargs}}
+    format "occ_mfd.snapshot/1" · kind ("vae" or one of FORECASTER_KINDS) · networks {name: {class, kwargs}}
     · weights {name: state_dict} · latent_scale · sampler {steps, shift, cfg_scale} · grid · data
     {pool, past, future} · step · config (text) · git_rev
 """
@@ -32,7 +32,9 @@ from occ_mfd.models.pipeline import OccForecastPipeline, SamplerSettings
 
 FORMAT = "occ_mfd.snapshot/1"
 SNAPSHOT = "snapshot.pt"
-FORECASTER_KINDS = ("teacher", "student", "vsd", "dmd2", "cd")
+FORECASTER_KINDS = ("teacher", "student", "vsd", "dmd2", "cd", "senseflow", "ayf")
+#: Kinds whose "net" is a two-time flow map behind ``models.flow_map.FlowMapEndpoint`` (an interval input (s, t)).
+FLOW_MAP_KINDS = ("ayf",)
 
 
 def network_spec(module: nn.Module) -> dict:
