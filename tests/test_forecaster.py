@@ -159,3 +159,33 @@ def test_prior_net_refuses_a_missing_prior_and_a_privileged_prior_in_past_mode()
     with pytest.raises(ValueError, match="prior must be"):
         _net(prior="flow")
     assert _net(prior="warp", traj_mode="future")(x, t, _with_prior(cond)).shape == x.shape
+
+
+def _s2d(x: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """(B, T, C, H, W) → (B, T, C·p², H/p, W/p), space-to-depth per frame."""
+    return torch.nn.functional.pixel_unshuffle(x.flatten(0, 1), p).unflatten(0, x.shape[:2])
+
+
+def test_patch2_net_is_the_coarse_net_on_space_to_depth_latents():
+    """patch=2 on a (C, 2H, 2W) latent is exactly a patch-1 net with 4C channels on the space-to-depth latents,
+    mapped back by depth-to-space (the same weights: the two have identical parameter shapes)."""
+    B, Hc, Wc = 2, 4, 6
+    kw = dict(past=P, future=FUT, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,),
+              heads=2, prior="cv-warp")
+    coarse = _net(latent_channels=4 * C, **kw)
+    fine = OccForecaster(latent_channels=C, patch=2, **kw).eval()
+    fine.load_state_dict(coarse.state_dict())
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, FUT, C, 2 * Hc, 2 * Wc, generator=g)
+    past = torch.randn(B, P, C, 2 * Hc, 2 * Wc, generator=g)
+    prior = torch.randn(B, FUT, C, 2 * Hc, 2 * Wc, generator=g)
+    ego = torch.eye(4).repeat(B, P + FUT, 1, 1)
+    t = torch.rand(B, generator=g)
+    with torch.no_grad():
+        v_fine = fine(x, t, ForecastCond(past, ego, prior))
+        v_coarse = coarse(_s2d(x), t, ForecastCond(_s2d(past), ego, _s2d(prior)))
+    expect = torch.nn.functional.pixel_shuffle(v_coarse.flatten(0, 1), 2).unflatten(0, (B, FUT))
+    assert v_fine.shape == x.shape
+    assert torch.allclose(v_fine, expect, atol=1e-5)
+    with pytest.raises(ValueError, match="not divisible by patch=2"):
+        fine(x[..., :-1], t, ForecastCond(past[..., :-1], ego, prior[..., :-1]))

@@ -74,6 +74,7 @@ class OccForecaster(nn.Module):
         attn_backend: str = "auto",
         mid_attn: bool = True,
         prior: str | None = None,
+        patch: int = 1,
     ):
         # The constructor arguments, so an inference snapshot can rebuild this network (models/snapshot.py).
         init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -88,6 +89,9 @@ class OccForecaster(nn.Module):
             raise ValueError("prior='warp' uses the future ego poses: it needs traj_mode='future' "
                              "(use prior='cv-warp' with traj_mode='past')")
         self.prior = prior
+        if patch < 1:
+            raise ValueError(f"patch must be >= 1, got {patch}")
+        self.patch = patch
         self.latent_channels, self.past, self.future, self.traj_mode = latent_channels, past, future, traj_mode
         self.base_channels, self.traj_freqs = base_channels, traj_freqs
         emb = 4 * base_channels
@@ -95,7 +99,10 @@ class OccForecaster(nn.Module):
         n_traj = past + (future if traj_mode == "future" else 0)
         self.traj_mlp = nn.Sequential(nn.Linear(n_traj * 3 * (2 * traj_freqs + 1), emb), nn.SiLU(), nn.Linear(emb, emb))
         # With a prior, every frame carries two latents: future frames [x_t ‖ prior], past frames [latent ‖ 0].
-        self.stem = nn.Conv3d(latent_channels * (2 if prior else 1), base_channels, 3, padding=1)  # over (T, H, W)
+        # patch > 1: space-to-depth (p×p latent cells → channels) before the stem, depth-to-space after the output
+        # (DiT's patchify), so a finer latent grid — a VAE that keeps small classes — costs the U-Net nothing.
+        in_ch = latent_channels * patch * patch * (2 if prior else 1)
+        self.stem = nn.Conv3d(in_ch, base_channels, 3, padding=1)  # over (T, H, W)
         chs = [base_channels * m for m in channel_mult]
 
         def level(in_ch: int, out_ch: int, attn: bool) -> nn.ModuleList:
@@ -126,7 +133,7 @@ class OccForecaster(nn.Module):
                 self.upsample.append(nn.Conv2d(chs[i], chs[i - 1], 3, padding=1))
             prev = chs[i - 1] if i > 0 else chs[0]
         self.out_norm = group_norm(chs[0])
-        self.out = nn.Conv2d(chs[0], latent_channels, 3, padding=1)
+        self.out = nn.Conv2d(chs[0], latent_channels * patch * patch, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -159,6 +166,8 @@ class OccForecaster(nn.Module):
         P = self.past
         if Fn != self.future or C != self.latent_channels:
             raise ValueError(f"OccForecaster: x_t {tuple(x_t.shape)} != (B, {self.future}, {self.latent_channels}, H, W)")
+        if H % self.patch or W % self.patch:
+            raise ValueError(f"OccForecaster: latent H, W = {H}, {W} not divisible by patch={self.patch}")
         if cond.past_latents.shape != (B, P, C, H, W) or cond.ego.shape != (B, P + Fn, 4, 4):
             raise ValueError(f"OccForecaster: cond shapes past_latents {tuple(cond.past_latents.shape)}, "
                              f"ego {tuple(cond.ego.shape)} do not match x_t {tuple(x_t.shape)} with P={P}")
@@ -176,6 +185,8 @@ class OccForecaster(nn.Module):
             # The prior is condition: CFG's unconditional branch drops it with the history.
             prior = cond.prior_latents.to(x_t.dtype) * keep[:, None, None, None, None]
             x = torch.cat([x, torch.cat([torch.zeros_like(past), prior], dim=1)], dim=2)  # (B, T, 2C, H, W)
+        if self.patch > 1:
+            x = F.pixel_unshuffle(x.flatten(0, 1), self.patch).unflatten(0, (B, P + Fn))  # (B, T, C·p², H/p, W/p)
         h = self.stem(x.transpose(1, 2)).transpose(1, 2)                              # (B, T, c0, H, W)
         skips = []
         for i, mods in enumerate(self.down):
@@ -191,5 +202,7 @@ class OccForecaster(nn.Module):
             if j < len(self.upsample):
                 h = self._spatial(self.upsample[j], h, size=skips[-1].shape[-2:])
         B_, T = h.shape[:2]
-        out = self.out(F.silu(self.out_norm(h.flatten(0, 1)))).unflatten(0, (B_, T))  # (B, T, C, H, W)
-        return out[:, P:]
+        out = self.out(F.silu(self.out_norm(h.flatten(0, 1))))                       # (B·T, C·p², H/p, W/p)
+        if self.patch > 1:
+            out = F.pixel_shuffle(out, self.patch)                                     # (B·T, C, H, W)
+        return out.unflatten(0, (B_, T))[:, P:]
