@@ -13,6 +13,7 @@ objective = dict(
     aux_steps=9, student_steps=1,   # authors' code 9:1 (paper text: 10:1)
     s_neq_t_ratio=1.0,        # 1: mean flows over s < t (MFD); 0: s = t (VSD), see vsd.py
     noise="fresh",            # x_s from fresh noise, as the authors' code ("coupled": the generator's own, ablation)
+    latent_cache_mb=512,      # the frozen VAE encodes each training frame once (models/latent_cache.py)
 )
 # Paper: AdamW lr 1e-4 for both, wd 1e-4, clip 1, constant lr. Tiny runs are short, so lr is higher.
 optim = dict(_delete_=True,  # replace the base file's single "main" group

@@ -12,19 +12,25 @@ from torch import nn
 
 from occ_mfd.ego_motion import prior_frames
 from occ_mfd.models.forecaster import ForecastCond
+from occ_mfd.models.latent_cache import LatentCache
 from occ_mfd.models.vae import OccVAE
 
 
 class LatentCodec(nn.Module):
     """Frozen VAE: ``encode(occ (B, T, X, Y, Z)) -> (B, T, C, H, W)`` scaled latents; ``decode_logits`` inverts.
 
-    ``sample=False`` encodes the posterior mean; ``True`` draws μ + σ·ε (as OccFM caches).
+    ``sample=False`` encodes the posterior mean; ``True`` draws μ + σ·ε (as OccFM caches). ``cache_mb`` > 0
+    (training stages; mean encoding only) keeps the latents of the frames it has encoded in a
+    :class:`~occ_mfd.models.latent_cache.LatentCache`, keyed by the batch's scene and sample tokens.
     """
 
-    def __init__(self, vae: OccVAE, scale: float = 10.0, sample: bool = False):
+    def __init__(self, vae: OccVAE, scale: float = 10.0, sample: bool = False, cache_mb: float = 0.0):
         super().__init__()
         self.vae, self.scale, self.sample = vae, float(scale), sample
         self.vae.eval().requires_grad_(False)
+        if cache_mb and sample:
+            raise ValueError("LatentCodec: a latent cache needs deterministic (posterior-mean) encoding, sample=False")
+        self.cache = LatentCache(cache_mb) if cache_mb else None
 
     def train(self, mode: bool = True):  # the VAE stays in eval mode whatever the parent does
         super().train(mode)
@@ -40,18 +46,55 @@ class LatentCodec(nn.Module):
         z = dist.sample(generator) if self.sample else dist.mean
         return (z.float() * self.scale).unflatten(0, (B, T))
 
+    @staticmethod
+    def _names_frames(batch) -> bool:
+        """Whether every sample of ``batch`` names its P + F frames (scene + tokens): the cache's keys."""
+        tokens, scenes = getattr(batch, "tokens", None), getattr(batch, "scenes", None)
+        T = batch.ego.shape[1]
+        return bool(tokens) and bool(scenes) and len(tokens) == len(scenes) == batch.past.shape[0] \
+            and all(len(t) == T for t in tokens)
+
+    def encode_part(self, batch, part: str) -> torch.Tensor:
+        """``batch.past`` or ``batch.future`` → (B, T, C, H, W) scaled latents, through the cache when there is one
+        and the batch names its frames."""
+        occ = getattr(batch, part)
+        if self.cache is None or not self._names_frames(batch):
+            return self.encode(occ)
+        B, T = occ.shape[:2]
+        first = 0 if part == "past" else batch.past.shape[1]
+        keys = [(batch.scenes[b], batch.tokens[b][first + t]) for b in range(B) for t in range(T)]
+        flat = occ.flatten(0, 1)                                                    # (B·T, X, Y, Z)
+        return self.cache.fetch(keys, lambda idx: self.encode(flat[idx][:, None])[:, 0]).unflatten(0, (B, T))
+
+    def prior_latents(self, batch, prior: str) -> torch.Tensor:
+        """(B, F, C, H, W) scaled latents of the ego-motion prior ``prior`` of each window (see :meth:`condition`);
+        with a cache, the warp and encoding run only for windows not seen before."""
+        if getattr(batch, "grid", None) is None:
+            raise ValueError(f"an ego-motion prior ({prior!r}) warps voxels and needs the batch's grid; this "
+                             f"batch has none (OccSequenceDataset sets it; a hand-built OccBatch needs grid=)")
+        if self.cache is None or not self._names_frames(batch):
+            return self.encode(prior_frames(batch.past, batch.ego, batch.grid, prior))
+        B, P = batch.past.shape[:2]
+        F = batch.ego.shape[1] - P
+        keys = [(batch.scenes[b], batch.tokens[b][P - 1], prior, P, k) for b in range(B) for k in range(F)]
+
+        def encode(idx: list[int]) -> torch.Tensor:
+            samples = sorted({i // F for i in idx})
+            frames = prior_frames(batch.past[samples], batch.ego[samples], batch.grid, prior)   # (S, F, X, Y, Z)
+            row = {s: j for j, s in enumerate(samples)}
+            chosen = torch.stack([frames[row[i // F], i % F] for i in idx])                  # (N, X, Y, Z)
+            return self.encode(chosen[:, None])[:, 0]
+
+        return self.cache.fetch(keys, encode).unflatten(0, (B, F))
+
     def condition(self, batch, prior: str | None = None) -> ForecastCond:
         """OccBatch → the forecaster's condition: scaled past latents (B, P, C, H, W), ego poses (B, P+F, 4, 4)
         and, for ``prior`` ∈ :data:`~occ_mfd.ego_motion.PRIORS`, the latents (B, F, C, H, W) of the current frame
         warped to each future frame (the net's ``prior``: see :class:`~occ_mfd.models.forecaster.OccForecaster`).
         """
-        prior_latents = None
-        if prior is not None:
-            if getattr(batch, "grid", None) is None:
-                raise ValueError(f"an ego-motion prior ({prior!r}) warps voxels and needs the batch's grid; this "
-                                 f"batch has none (OccSequenceDataset sets it; a hand-built OccBatch needs grid=)")
-            prior_latents = self.encode(prior_frames(batch.past, batch.ego, batch.grid, prior))
-        return ForecastCond(past_latents=self.encode(batch.past), ego=batch.ego.float(), prior_latents=prior_latents)
+        prior_latents = None if prior is None else self.prior_latents(batch, prior)
+        return ForecastCond(past_latents=self.encode_part(batch, "past"), ego=batch.ego.float(),
+                            prior_latents=prior_latents)
 
     @torch.no_grad()
     def decode_logits(self, latents: torch.Tensor) -> torch.Tensor:
@@ -83,4 +126,4 @@ class LatentPrepare(nn.Module):
         self.codec, self.prior = codec, prior
 
     def forward(self, batch):
-        return self.codec.encode(batch.future), self.codec.condition(batch, self.prior)
+        return self.codec.encode_part(batch, "future"), self.codec.condition(batch, self.prior)

@@ -88,11 +88,12 @@ class Snapshot:
             module.load_state_dict(self.weights[name])
         return module.eval().requires_grad_(False)
 
-    def codec(self) -> LatentCodec:
+    def codec(self, cache_mb: float = 0.0) -> LatentCodec:
+        """The frozen VAE at this snapshot's latent scale; ``cache_mb``: a latent cache (training stages)."""
         if self.latent_scale is None:
             raise ValueError(f"snapshot {self.path or '(description)'} ({self.kind}) has no latent scale: "
                              f"it is not a forecaster")
-        return LatentCodec(self.build("vae"), scale=self.latent_scale)
+        return LatentCodec(self.build("vae"), scale=self.latent_scale, cache_mb=cache_mb)
 
     def pipeline(self) -> OccForecastPipeline:
         """The forecaster this snapshot describes (teacher at its sampler, or a one-step student)."""

@@ -124,8 +124,8 @@ class OccConsistencyDistillation(OccStudentStage, ConsistencyDistillation):
 
     def __init__(self, teacher_snapshot: str | None = None, teacher: dict | None = None,
                  cfg_scale: float | None = None, grid_steps: int = 20, shift: float = 3.0,
-                 target_decay: float = 0.95, huber_c: float = 1e-3):
-        t = load_occ_teacher(teacher_snapshot, teacher, with_aux=False)
+                 target_decay: float = 0.95, huber_c: float = 1e-3, latent_cache_mb: float = 0.0):
+        t = load_occ_teacher(teacher_snapshot, teacher, with_aux=False, latent_cache_mb=latent_cache_mb)
         super().__init__(t.teacher, t.student, t.prepare, cfg_scale=t.cfg_scale if cfg_scale is None else cfg_scale,
                          grid_steps=grid_steps, shift=shift, target_decay=target_decay, huber_c=huber_c)
         self._remember(t)

@@ -84,8 +84,8 @@ class OccDMD2(OccStudentStage, DistributionMatchingDistillation):
 
     def __init__(self, teacher_snapshot: str | None = None, teacher: dict | None = None,
                  cfg_scale: float | None = None, aux_steps: int = 4, student_steps: int = 1, t_min: float = 0.02,
-                 t_max: float = 0.98, student_time: float = 0.0):
-        t = load_occ_teacher(teacher_snapshot, teacher)
+                 t_max: float = 0.98, student_time: float = 0.0, latent_cache_mb: float = 0.0):
+        t = load_occ_teacher(teacher_snapshot, teacher, latent_cache_mb=latent_cache_mb)
         super().__init__(t.teacher, t.student, t.aux, t.prepare,
                          cfg_scale=t.cfg_scale if cfg_scale is None else float(cfg_scale), aux_steps=aux_steps,
                          student_steps=student_steps, t_min=t_min, t_max=t_max, student_time=student_time)

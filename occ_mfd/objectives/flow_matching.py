@@ -105,18 +105,21 @@ class OccFlowTeacher(FlowMatchingObjective):
         cond_drop_prob: fraction of samples trained without history/trajectory (CFG); OccFM: 0.2.
         time_mean, time_std: logit-normal training times.
         steps, shift, cfg_scale: the sampler inference uses (default: OccFM's, :data:`OCCFM_SAMPLER`).
+        latent_cache_mb: > 0 caches the frozen VAE's latents of the training frames (the encoder then runs once
+            per frame instead of every step; :class:`~occ_mfd.models.latent_cache.LatentCache`).
     """
 
     def __init__(self, net: dict, vae_snapshot: str | None = None, vae: dict | None = None,
                  latent_scale: float = 10.0, cond_drop_prob: float = 0.2, time_mean: float = 0.0,
                  time_std: float = 1.0, steps: int = OCCFM_SAMPLER.steps, shift: float = OCCFM_SAMPLER.shift,
-                 cfg_scale: float = OCCFM_SAMPLER.cfg_scale):
+                 cfg_scale: float = OCCFM_SAMPLER.cfg_scale, latent_cache_mb: float = 0.0):
         vae_snap, vae_desc = snapshot_or_description(vae_snapshot, vae, "vae", kinds=("vae",))
         vae_model = vae_snap.build("vae")
         if "latent_channels" in net:
             raise ValueError("objective.net must not set latent_channels: it is the VAE's")
         forecaster = OccForecaster(latent_channels=vae_model.latent_channels, **net)
-        super().__init__(forecaster, LatentPrepare(LatentCodec(vae_model, scale=latent_scale), forecaster.prior),
+        super().__init__(forecaster, LatentPrepare(LatentCodec(vae_model, scale=latent_scale, cache_mb=latent_cache_mb),
+                                                     forecaster.prior),
                          time_sampler=LogitNormalTime(time_mean, time_std), cond_drop_prob=cond_drop_prob)
         self.sampler = SamplerSettings(int(steps), float(shift), float(cfg_scale))
         self._portable = {"vae_snapshot": None, "vae": vae_desc} if vae_desc is not None else {}

@@ -215,13 +215,14 @@ class OccMeanFlowDistillation(OccStudentStage, MeanFlowDistillation):
         cfg_scale: guidance of the teacher inside the student update (None: the teacher's sampler value).
         max_substep, aux_steps, student_steps, s_neq_t_ratio, student_time, noise, vsd_time: see
             :class:`MeanFlowDistillation` (s_neq_t_ratio = 0 is VSD / Diff-Instruct).
+        latent_cache_mb: > 0 caches the frozen VAE's latents of the training frames (every distiller takes it).
     """
 
     def __init__(self, teacher_snapshot: str | None = None, teacher: dict | None = None,
                  cfg_scale: float | None = None, max_substep: float = 0.02, aux_steps: int = 9,
                  student_steps: int = 1, s_neq_t_ratio: float = 1.0, student_time: float = 0.0,
-                 noise: str = "fresh", vsd_time: str = "uniform"):
-        t = load_occ_teacher(teacher_snapshot, teacher)
+                 noise: str = "fresh", vsd_time: str = "uniform", latent_cache_mb: float = 0.0):
+        t = load_occ_teacher(teacher_snapshot, teacher, latent_cache_mb=latent_cache_mb)
         super().__init__(t.teacher, t.student, t.aux, t.prepare,
                          cfg_scale=t.cfg_scale if cfg_scale is None else float(cfg_scale),
                          max_substep=max_substep, aux_steps=aux_steps, student_steps=student_steps,

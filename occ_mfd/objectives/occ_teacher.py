@@ -33,14 +33,16 @@ class OccTeacher:
     source: tuple[str, dict | None]
 
 
-def load_occ_teacher(teacher_snapshot: str | None, teacher: dict | None, with_aux: bool = True) -> OccTeacher:
-    """``with_aux=False`` (aux-free distillers, e.g. CD) leaves ``aux`` None."""
+def load_occ_teacher(teacher_snapshot: str | None, teacher: dict | None, with_aux: bool = True,
+                     latent_cache_mb: float = 0.0) -> OccTeacher:
+    """``with_aux=False`` (aux-free distillers, e.g. CD) leaves ``aux`` None; ``latent_cache_mb`` > 0 caches the
+    frozen VAE's latents of the training frames (:class:`~occ_mfd.models.latent_cache.LatentCache`)."""
     snap, desc = snapshot_or_description(teacher_snapshot, teacher, "teacher", kinds=("teacher",))
     net = snap.build("net")  # frozen, eval mode
     # Trainable copies (the forecaster has no dropout or batch norm, so train/eval modes do not matter).
     student = copy.deepcopy(net).requires_grad_(True)
     aux = copy.deepcopy(net).requires_grad_(True) if with_aux else None
-    return OccTeacher(net, student, aux, LatentPrepare(snap.codec(), net.prior), float(snap.sampler.cfg_scale), desc,
+    return OccTeacher(net, student, aux, LatentPrepare(snap.codec(latent_cache_mb), net.prior), float(snap.sampler.cfg_scale), desc,
                       (f"teacher snapshot {snap.path or '(stored description)'}", snap.grid))
 
 
