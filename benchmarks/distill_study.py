@@ -14,8 +14,9 @@ against the guided teacher's 1000-step ODE (2000 samples per class), see :func:`
 Methods: ``mfd`` (h = 0.02), ``vsd`` (Diff-Instruct: s = t ~ U(0, 1)), ``dmd2`` (no GAN), ``senseflow`` (DMD2 +
 intra-segment guidance + IDA λ = 0.97, no discriminator), ``cd`` (one-step consistency distillation, N = 40, EMA
 target 0.95, pseudo-Huber; it uses data samples, no aux), ``ayf`` (AYF-EMD: a two-time flow-map student, the fitted
-MLP + a zero-initialised Δt path; c = 0.1, warm-up H = 10 % of ``--updates``; data samples, no aux), and ablations
-``mfd_coupled`` (x_s from the generator's own noise), ``vsd_max2`` (t = max of two uniforms), ``mfd_h<H>``.
+MLP + a zero-initialised Δt path; c = 0.1, warm-up H = 10 % of ``--updates``, times "fastgen_endpoint"; data
+samples, no aux), and ablations ``mfd_coupled`` (x_s from the generator's own noise), ``vsd_max2`` (t = max of two
+uniforms), ``mfd_h<H>``, ``ayf_meanflow`` (AYF with the previous "meanflow" time sampler, occ_mfd/objectives/ayf.py).
 Not yet here: suite ``occ`` (tiny occupancy) — asking for it is an error that says so.
 
 JSON: ``{"settings", "rows": [one per (suite, method, seed)], "summary": {suite: {method: {metric: [mean,
@@ -57,7 +58,7 @@ from occ_mfd.objectives.senseflow import SenseFlowDistillation  # noqa: E402
 
 SUITES = {"toy", "cond"}
 PLANNED_SUITES = {"occ"}
-METHODS = ("mfd", "vsd", "dmd2", "senseflow", "cd", "ayf", "mfd_coupled", "vsd_max2")
+METHODS = ("mfd", "vsd", "dmd2", "senseflow", "cd", "ayf", "mfd_coupled", "vsd_max2", "ayf_meanflow")
 PLANNED_METHODS = ()
 TOY = dict(fit_steps=1500, aux_warmup=300, batch=256, lr=1e-3, aux_steps=4, h=0.02, eval_n=2000, grad_reps=50,
            curve_every=100, cond_cfg_scale=2.0, ref_steps=1000, ayf_warmup_frac=0.1)
@@ -81,10 +82,11 @@ def make_objective(name: str, teacher, student, aux, cfg: dict, cfg_scale: float
     data_prepare = lambda b: (data_for(b), prepare(b)[1])  # noqa: E731
     if name == "cd":   # no aux; N = 40 on the toys (DISTILLERS.md §5 "Benchmark"), uniform grid as the toy teacher
         return ConsistencyDistillation(teacher, student, data_prepare, cfg_scale=cfg_scale, grid_steps=40, shift=1.0)
-    if name == "ayf":  # no aux; the MLP's Δt features enter after its first Linear (occ_mfd/models/flow_map.py)
+    if name in ("ayf", "ayf_meanflow"):  # no aux; the MLP's Δt features enter after its first Linear (flow_map.py)
         warmup = round(cfg["ayf_warmup_frac"] * cfg.get("updates", 0))
+        sampler = "meanflow" if name == "ayf_meanflow" else "fastgen_endpoint"
         return AlignYourFlow(teacher, flow_map_student(student, inject_at="net.0", dt_path="fourier"), data_prepare,
-                             cfg_scale=cfg_scale, warmup_updates=warmup)
+                             cfg_scale=cfg_scale, warmup_updates=warmup, time_sampler=sampler)
     kw = dict(cfg_scale=cfg_scale, aux_steps=cfg["aux_steps"], student_steps=1)
     if name == "dmd2":
         return DistributionMatchingDistillation(teacher, student, aux, prepare, **kw)
@@ -111,11 +113,13 @@ def mode_stats(x: torch.Tensor, gmm: GaussianMixture2D) -> tuple[float, float]:
 
 def relative_grad_variance(obj, make_batch, batch: int, reps: int, seed: int) -> float:
     """tr Cov(g) / ||E g||² of the student gradient over ``reps`` batches at the current state. The objective's
-    state is restored afterwards: a forward may schedule a post-step edit (SenseFlow's IDA, CD's target EMA) or
-    count an update (AYF's warm-up), and no optimiser step happens here."""
+    state is restored before every replicate and afterwards: a forward may schedule a post-step edit (SenseFlow's
+    IDA, CD's target EMA) or count an update (AYF's warm-up), which the next forward would apply, and no optimiser
+    step happens here (restoring only at the end let replicate r see r IDA lerps / target EMAs / warm-up counts)."""
     state = copy.deepcopy(obj.state_dict())
     gs = []
     for r in range(reps):
+        obj.load_state_dict(state)
         torch.manual_seed(seed + 1000 + r)
         obj.student.zero_grad()
         obj(make_batch(batch), "student").loss.backward()

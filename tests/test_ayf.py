@@ -94,7 +94,7 @@ def test_the_eulerian_residual_vanishes_for_the_exact_flow_map():
 
 def test_warmup_and_time_sampler():
     obj = AlignYourFlow(ConstantFlow([0.0] * D), FlowMapEndpoint(ConstantMap([0.0] * D)), lambda x1: (x1, None),
-                        warmup_updates=4)
+                        warmup_updates=4, time_sampler="meanflow")          # the previous default, kept as an option
     rs = []
     for _ in range(6):
         rs.append(obj.warmup())
@@ -106,6 +106,45 @@ def test_warmup_and_time_sampler():
     # a, b ~ sigmoid(N(0.4, 1)): E[a] ≈ 0.5808 (quadrature), so E[(s + t)/2] over the s < t part ≈ that
     lt = s < t
     assert abs(float(((s[lt] + t[lt]) / 2).mean()) - 0.5808) < 0.01
+
+
+def _normal_cdf(z):
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def _p_near_endpoint(mean, std, s_neq_t, endpoint, lo=0.1, hi=0.9):
+    """P(s < lo and t > hi) in closed form: a, b ~ sigmoid(N(mean, std²)) i.i.d., s = min, t = max, then t := 1 for
+    a fraction ``endpoint`` and t := s for 1 − s_neq_t. P(min < lo, max > hi) = 2 p q (one draw cannot be both)."""
+    logit = lambda u: math.log(u / (1 - u))  # noqa: E731
+    p, q = _normal_cdf((logit(lo) - mean) / std), 1 - _normal_cdf((logit(hi) - mean) / std)
+    return endpoint * (1 - (1 - p) ** 2) + (s_neq_t - endpoint) * 2 * p * q
+
+
+def test_the_default_time_sampler_trains_the_one_step_endpoint():
+    """The one-step sampler evaluates X(z, 0, 1). The previous default ("meanflow": sigmoid(N(0.4, 1)), 25 % at
+    s = t) draws (s < 0.1, t > 0.9) with probability 0.026 % (closed form), so the endpoint was left to extrapolation
+    (study ED toy 0.31, conditional 1.02, worse than the start). The default "fastgen_endpoint" (sigmoid(N(0.8, 1.6)),
+    always s < t, 25 % at t = 1) draws it with probability 2.4 %."""
+    make = lambda **kw: AlignYourFlow(ConstantFlow([0.0] * D), FlowMapEndpoint(ConstantMap([0.0] * D)),  # noqa: E731
+                                      lambda x1: (x1, None), **kw)
+    default, old = make(), make(time_sampler="meanflow")
+    assert (default.time_mean, default.time_std, default.s_neq_t_ratio, default.endpoint_ratio) == (0.8, 1.6, 1.0, 0.25)
+    assert (old.time_mean, old.time_std, old.s_neq_t_ratio, old.endpoint_ratio) == (0.4, 1.0, 0.75, 0.0)
+    torch.manual_seed(0)
+    s, t = default.sample_times(200_000, "cpu", torch.float64)
+    assert (s < t).all() and abs(float((t == 1).double().mean()) - 0.25) < 0.005
+    near = float(((s < 0.1) & (t > 0.9)).double().mean())
+    p_default, p_old = _p_near_endpoint(0.8, 1.6, 1.0, 0.25), _p_near_endpoint(0.4, 1.0, 0.75, 0.0)
+    assert abs(p_default - 0.02378) < 1e-4 and abs(p_old - 0.000256) < 1e-5      # hand-evaluated closed forms
+    assert abs(near - p_default) < 0.002 and near > 50 * p_old
+    s, t = old.sample_times(200_000, "cpu", torch.float64)
+    assert abs(float(((s < 0.1) & (t > 0.9)).double().mean()) - p_old) < 2e-4
+    # overrides win over the preset; the t = 1 and s = t buckets must be disjoint
+    assert make(time_sampler="meanflow", endpoint_ratio=0.1).endpoint_ratio == 0.1
+    with pytest.raises(ValueError, match="endpoint_ratio"):
+        make(time_sampler="meanflow", endpoint_ratio=0.9)
+    with pytest.raises(ValueError, match="time_sampler"):
+        make(time_sampler="sCM")
 
 
 class NoForwardAD(torch.autograd.Function):

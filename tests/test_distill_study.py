@@ -39,7 +39,7 @@ def test_quick_cond_study_row(tmp_path):
 
 
 def test_unknown_names_are_clear_errors():
-    for name in ("senseflow", "ayf"):                                   # implemented now
+    for name in ("senseflow", "ayf", "ayf_meanflow"):                   # implemented now
         check_method(name)
     with pytest.raises(SystemExit, match="unknown method 'mdf'"):
         main(["--methods", "mdf"])
@@ -74,3 +74,30 @@ def test_quick_senseflow_and_ayf_rows_match_the_others(tmp_path, suite, updates,
     assert res["settings"]["updates"] == updates and set(res["summary"][suite]) == {"dmd2", "senseflow", "ayf"}
     if suite == "toy":
         assert sf["energy_distance"] < sf["energy_distance_init"]          # 20 updates already help
+
+
+def test_relative_grad_variance_restores_the_state_before_every_replicate():
+    """Each replicate must see the same state: a forward that schedules a post-step edit (SenseFlow's IDA, CD's
+    target EMA) or counts an update (AYF's warm-up) must not leak into the next replicate. Here the gradient is
+    1 + k with k a buffer the forward increments: with the state restored every replicate it is 1 every time (zero
+    variance); the old code (restore only at the end) saw 1, 2, ..., reps: tr Cov / ||E g||² = var(1..R) / mean²."""
+    import torch
+    from benchmarks.distill_study import relative_grad_variance
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.student = torch.nn.Linear(1, 1, bias=False)
+            self.register_buffer("k", torch.tensor(0.0))
+
+        def param_groups(self):
+            return {"student": list(self.student.parameters())}
+
+        def forward(self, batch, phase):
+            loss = (1 + self.k) * self.student.weight.sum()
+            self.k += 1
+            return type("Out", (), {"loss": loss})()
+
+    obj = Counting()
+    assert relative_grad_variance(obj, lambda n: None, 4, 5, 0) == 0.0
+    assert float(obj.k) == 0.0                                            # and the state is restored afterwards

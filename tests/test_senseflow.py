@@ -14,7 +14,7 @@ from occ_mfd.eval.forecasters import load_forecaster
 from occ_mfd.models.snapshot import load_snapshot
 from occ_mfd.objectives.senseflow import SenseFlowDistillation
 from stage_fixtures import stage_config
-from test_mfd import A0, B0, MU, SIG, GaussianFlow, LinearStudent, PointMassFlow, StudentFlow
+from test_mfd import A0, B0, MU, SIG, GaussianFlow, LinearStudent, PointMassFlow, StudentFlow, gauss_velocity
 
 D = 3
 A, B, C = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.0, 1.0, 3.0]), torch.tensor([4.0, 4.0, -4.0])
@@ -141,3 +141,44 @@ def test_occ_senseflow_stage_trains_and_evaluates(stages, tmp_path):
     assert any(not torch.equal(v, teacher[k]) for k, v in pipe.net.state_dict().items())   # it trained
     # step 4 was the student update: its IDA is pending in the checkpoint, to be applied by the next forward
     assert bool(load_checkpoint(tmp_path / "sf/latest.pt")["objective"]["_ida_pending"])
+
+
+class ExactAtZero(nn.Module):
+    """A one-step student that is exact at t = 0 for N(0, sigma^2) (net(z, 0) = (a − 1) z, exact at a = sigma) and
+    still the teacher at t > 0 (it is a teacher copy trained only at its t = 0 anchor)."""
+
+    def __init__(self, a, var):
+        super().__init__()
+        self.a, self.var = nn.Parameter(torch.tensor(float(a), dtype=torch.float64)), var
+
+    def forward(self, x, t, cond=None, drop_cond=None):
+        return torch.where(t[:, None] == 0, (self.a - 1) * x, gauss_velocity(x, t, 0.0, self.var))
+
+
+def test_one_step_isg_pulls_the_exact_student_away_from_the_solution():
+    """Genuine property of ISG with one segment [0, 1] (not a bug): its target y is the teacher's Euler step to
+    t_mid finished by the student's field at t_mid, i.e. a two-step Euler sample while that field is still the
+    teacher's. Data N(0, σ²), σ = 0.5, exact student G(z) = σ z: at t_mid = τ,
+    y = (1 − τ) z [1 + (1 − τ)(τσ² − (1 − τ)) / ((1 − τ)² + τ²σ²)] = 0.2 z at τ = 0.5 (hand-computed), and → 0 (the
+    teacher's one-step jump E[x1]) as τ → 1. The DM gradient is 0 there (exact aux), so ISG alone moves a away from
+    σ, toward 0.2: the toy study's SenseFlow plateau (README, distiller study)."""
+    sig = 0.5
+    student = ExactAtZero(sig, sig ** 2)
+    obj = SenseFlowDistillation(GaussianFlow(0.0, sig ** 2), student, GaussianFlow(0.0, sig ** 2),
+                                lambda x: (x, None), ida_decay=1.0)
+    z = torch.randn(4096, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    tau = 0.5
+    with torch.no_grad():
+        x_mid = z + tau * obj.teacher(z, torch.zeros(len(z), dtype=torch.float64))
+        y = x_mid + (1 - tau) * student(x_mid, torch.full((len(z),), tau, dtype=torch.float64))
+    torch.testing.assert_close(y, 0.2 * z, rtol=1e-12, atol=1e-12)
+    dm, _ = obj.distribution_matching_loss(obj.generate(z, None), torch.randn_like(z),
+                                           torch.full((len(z),), 0.3, dtype=torch.float64), None)
+    dm.backward()
+    assert abs(float(student.a.grad)) < 1e-12                              # DM: nothing to fix
+    student.zero_grad()
+    loss, _ = obj.intra_segment_guidance(z, obj.generate(z, None), None, t_mid=torch.full((len(z),), tau,
+                                                                                          dtype=torch.float64))
+    loss.backward()
+    # L = mean(√((0.3 z)² + c²) − c) ⇒ dL/da = mean(z · 0.3 z / √((0.3 z)² + c²)) ≈ E|z| = √(2/π) ≈ 0.798
+    assert float(student.a.grad) > 0.75                                   # descent lowers a below σ

@@ -5,5 +5,5 @@
 _base_ = ["./mfd.py"]
 objective = dict(_delete_=True, type="occ_mfd.objectives.ayf.OccAlignYourFlow",
                  teacher_snapshot="work_dirs/occfm/snapshot.pt", cfg_scale=None, tangent_c=0.1, warmup_updates=5000,
-                 time_mean=0.4, time_std=1.0, s_neq_t_ratio=0.75, jvp="auto", fd_eps=1e-4)
+                 time_sampler="fastgen_endpoint", jvp="auto", fd_eps=1e-4)   # "meanflow": the old sampler (ayf.py)
 optim = dict(_delete_=True, student=dict(lr=1e-4, weight_decay=1e-4, grad_clip=1.0))

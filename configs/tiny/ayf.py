@@ -10,8 +10,9 @@ objective = dict(
     cfg_scale=None,          # the teacher's sampler CFG (2): the flow map distils the guided field
     tangent_c=0.1,           # ĝ = g / (‖g‖ + c) (sCM; FastGen norm_const)
     warmup_updates=16,       # H: r_k = min(1, k/H) on the transport term, 10 % of train.max_steps (160)
-    time_mean=0.4, time_std=1.0,   # s, t = min, max of two sigmoid(N(0.4, 1)) (MeanFlow's sampler, our convention)
-    s_neq_t_ratio=0.75,      # 25 % of the batch at s = t (plain FM on the teacher)
+    time_sampler="fastgen_endpoint",   # s, t = min, max of two sigmoid(N(0.8, 1.6)), always s < t (FastGen's
+                             # distillation recipe) + 25 % at t = 1, the one-step endpoint; "meanflow": the old
+                             # sampler (sigmoid(N(0.4, 1)), 25 % at s = t), which never trains (0, 1) (ayf.py doc)
     jvp="auto",              # torch.func.jvp (fp32, math SDPA), central difference if forward AD fails
     fd_eps=1e-4,
 )

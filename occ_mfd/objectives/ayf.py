@@ -22,9 +22,21 @@ by a persistent buffer (so it resumes).
 
 Decisions where the spec is [UNVERIFIED]:
 * c = 0.1 (sCM; FastGen ``norm_const`` default), H = ``warmup_updates`` (benchmark: 10 % of the budget; sCM 10k).
-* Times (§6, MeanFlow's official sampler converted to our convention): a, b ~ sigmoid(N(+0.4, 1)), s = min, t = max,
-  and t := s for a fraction 1 − ``s_neq_t_ratio`` = 25 % of the batch (FastGen's CIFAR-10 ``r_sample_ratio`` 0.75;
-  a teacher-initialised student already matches at s = t).
+* Times: ``time_sampler`` (a preset; ``time_mean`` / ``time_std`` / ``s_neq_t_ratio`` / ``endpoint_ratio`` override
+  it). a, b ~ sigmoid(N(time_mean, time_std²)), s = min, t = max; then a disjoint fraction 1 − ``s_neq_t_ratio`` of
+  the batch gets t := s (plain FM on the teacher) and a fraction ``endpoint_ratio`` gets t := 1 (FastGen's
+  ``consistency_ratio`` bucket, r = 0 in its convention: continuous consistency distillation to the data end).
+  - ``"fastgen_endpoint"`` (default): FastGen's distillation recipe (``configs/experiments/WanT2V/config_mf.py``,
+    DISTILLERS.md §6: logit-normal(+0.8, 1.6) in our convention, always s < t) + 25 % at t = 1.
+  - ``"fastgen"``: the same without the t = 1 bucket.
+  - ``"meanflow"``: the previous default, MeanFlow's official sampler (logit-normal(+0.4, 1), t := s for 25 %;
+    FastGen's CIFAR-10 ``r_sample_ratio`` 0.75), no t = 1 bucket.
+  [Decision, measured] The one-step sampler evaluates the map at (s, t) = (0, 1). "meanflow" almost never draws a
+  pair near it (P(s < 0.1, t > 0.9) ≈ 0.03 %, vs 2.4 % now), so X(z, 0, 1) is left to extrapolation and drifts as
+  the Δt path learns mid-range intervals. benchmarks/distill_study.py, 600 updates, seeds 0–2 (``ayf`` vs
+  ``ayf_meanflow``): ED toy 0.295 ± 0.010 → 0.032 ± 0.013; conditional 1.048 ± 0.088 (worse than the start, 0.71)
+  → 0.241 ± 0.056. Single-harness runs on the same setups: "fastgen" alone 0.048 ± 0.003 / 0.34 ± 0.06; t = 1 only
+  (s ~ U(0, 1), continuous CD) was unstable on the conditional suite (ED 0.6–2.1 between evaluations).
 * w ≡ 1 (no adaptive time weighting), the loss summed over elements per sample then averaged over the batch.
 * Only AYF-EMD (the main row). AYF-LMD, autoguidance and the adversarial fine-tuning stage are not implemented.
 * JVP backend: ``jvp="auto"`` tries ``torch.func.jvp`` and, if forward-mode AD fails for some kernel, falls back
@@ -50,6 +62,9 @@ from occ_mfd.objectives.occ_teacher import OccStudentStage, load_occ_teacher
 
 log = logging.getLogger(__name__)
 JVP_CHOICES = ("auto", "func", "fd")
+# (time_mean, time_std, s_neq_t_ratio, endpoint_ratio) of each time-sampler preset (see the module doc).
+TIME_SAMPLERS = {"fastgen_endpoint": (0.8, 1.6, 1.0, 0.25), "fastgen": (0.8, 1.6, 1.0, 0.0),
+                 "meanflow": (0.4, 1.0, 0.75, 0.0)}
 
 
 class AlignYourFlow(Objective):
@@ -57,16 +72,24 @@ class AlignYourFlow(Objective):
     the EMA and the snapshot hold; its ``flow_map`` is u_θ(x, s, t, cond, drop_cond)); the teacher obeys
     ``net(x_t, t, cond, drop_cond=None) -> v``. prepare(batch) -> (x1, cond) with real data x1 (B, ...).
 
-    Args: cfg_scale of the teacher; tangent_c c; warmup_updates H; time_mean / time_std of the logit-normal times;
-    s_neq_t_ratio the fraction of s < t; jvp "auto" | "func" | "fd"; fd_eps ε of the difference.
+    Args: cfg_scale of the teacher; tangent_c c; warmup_updates H; time_sampler a preset of ``TIME_SAMPLERS``;
+    time_mean / time_std of the logit-normal times, s_neq_t_ratio the fraction not at s = t, endpoint_ratio the
+    fraction at t = 1 (each None: the preset's); jvp "auto" | "func" | "fd"; fd_eps ε of the difference.
     """
 
     kind = "ayf"
 
     def __init__(self, teacher: nn.Module, student: nn.Module, prepare: Callable[[Any], tuple], *,
-                 cfg_scale: float = 1.0, tangent_c: float = 0.1, warmup_updates: int = 1000, time_mean: float = 0.4,
-                 time_std: float = 1.0, s_neq_t_ratio: float = 0.75, jvp: str = "auto", fd_eps: float = 1e-4):
+                 cfg_scale: float = 1.0, tangent_c: float = 0.1, warmup_updates: int = 1000,
+                 time_sampler: str = "fastgen_endpoint", time_mean: float | None = None, time_std: float | None = None,
+                 s_neq_t_ratio: float | None = None, endpoint_ratio: float | None = None, jvp: str = "auto",
+                 fd_eps: float = 1e-4):
         super().__init__()
+        if time_sampler not in TIME_SAMPLERS:
+            raise ValueError(f"time_sampler must be one of {tuple(TIME_SAMPLERS)}, got {time_sampler!r}")
+        preset = TIME_SAMPLERS[time_sampler]
+        time_mean, time_std, s_neq_t_ratio, endpoint_ratio = (
+            p if v is None else v for v, p in zip((time_mean, time_std, s_neq_t_ratio, endpoint_ratio), preset))
         if not is_flow_map(student):
             raise ValueError(f"AYF trains a two-time flow map: the student must be a models.flow_map.FlowMapEndpoint "
                              f"(a velocity net wrapped by FlowMapNet), got {type(student).__name__}, which has no "
@@ -78,10 +101,15 @@ class AlignYourFlow(Objective):
         if tangent_c <= 0 or warmup_updates < 0 or time_std <= 0 or not 0.0 <= s_neq_t_ratio <= 1.0 or fd_eps <= 0:
             raise ValueError(f"need tangent_c > 0, warmup_updates >= 0, time_std > 0, 0 <= s_neq_t_ratio <= 1, "
                              f"fd_eps > 0; got {tangent_c}, {warmup_updates}, {time_std}, {s_neq_t_ratio}, {fd_eps}")
+        if not 0.0 <= endpoint_ratio <= s_neq_t_ratio:
+            raise ValueError(f"need 0 <= endpoint_ratio <= s_neq_t_ratio (the t = 1 and the s = t buckets are "
+                             f"disjoint); got {endpoint_ratio}, {s_neq_t_ratio}")
         self.teacher, self.student, self.prepare = teacher, student, prepare
         self.teacher.requires_grad_(False).eval()
         self.cfg_scale, self.tangent_c, self.warmup_updates = float(cfg_scale), float(tangent_c), int(warmup_updates)
+        self.time_sampler = time_sampler
         self.time_mean, self.time_std, self.s_neq_t_ratio = float(time_mean), float(time_std), float(s_neq_t_ratio)
+        self.endpoint_ratio = float(endpoint_ratio)
         self.jvp, self.fd_eps = jvp, float(fd_eps)
         self._jvp_method = "fd" if jvp == "fd" else "func"      # "auto" may switch to "fd" once (see module doc)
         # Student forwards so far (k of the warm-up r_k), kept in checkpoints.
@@ -123,11 +151,13 @@ class AlignYourFlow(Objective):
         return 1.0 if self.warmup_updates == 0 else min(1.0, int(self._updates) / self.warmup_updates)
 
     def sample_times(self, B: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s, t), each (B,): logit-normal pair, s = min, t = max; t := s with probability 1 − s_neq_t_ratio."""
+        """(s, t), each (B,): logit-normal pair, s = min, t = max; then, from one uniform r per sample, t := s where
+        r ≥ s_neq_t_ratio and t := 1 where r < endpoint_ratio (disjoint buckets)."""
         u = torch.sigmoid(self.time_mean + self.time_std * torch.randn(2, B, device=device, dtype=dtype))
         s, t = u.min(0).values, u.max(0).values
-        same = torch.rand(B, device=device) >= self.s_neq_t_ratio
-        return s, torch.where(same, s, t)
+        r = torch.rand(B, device=device)
+        t = torch.where(r >= self.s_neq_t_ratio, s, t)
+        return s, torch.where(r < self.endpoint_ratio, torch.ones_like(t), t)
 
     def tangent(self, x_s: torch.Tensor, s: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
                 cond: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -194,11 +224,13 @@ class OccAlignYourFlow(OccStudentStage, AlignYourFlow):
 
     def __init__(self, teacher_snapshot: str | None = None, teacher: dict | None = None,
                  cfg_scale: float | None = None, tangent_c: float = 0.1, warmup_updates: int = 1000,
-                 time_mean: float = 0.4, time_std: float = 1.0, s_neq_t_ratio: float = 0.75, jvp: str = "auto",
-                 fd_eps: float = 1e-4):
+                 time_sampler: str = "fastgen_endpoint", time_mean: float | None = None,
+                 time_std: float | None = None, s_neq_t_ratio: float | None = None,
+                 endpoint_ratio: float | None = None, jvp: str = "auto", fd_eps: float = 1e-4):
         t = load_occ_teacher(teacher_snapshot, teacher, with_aux=False)
         super().__init__(t.teacher, flow_map_student(t.student), t.prepare,
                          cfg_scale=t.cfg_scale if cfg_scale is None else float(cfg_scale), tangent_c=tangent_c,
-                         warmup_updates=warmup_updates, time_mean=time_mean, time_std=time_std,
-                         s_neq_t_ratio=s_neq_t_ratio, jvp=jvp, fd_eps=fd_eps)
+                         warmup_updates=warmup_updates, time_sampler=time_sampler, time_mean=time_mean,
+                         time_std=time_std, s_neq_t_ratio=s_neq_t_ratio, endpoint_ratio=endpoint_ratio, jvp=jvp,
+                         fd_eps=fd_eps)
         self._remember(t)

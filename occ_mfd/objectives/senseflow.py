@@ -11,7 +11,15 @@ in our convention (t = 0 noise, t = 1 data), for a one-step generator G(z) = z +
   step x_mid = z + t_mid·v_T^w(z, 0) and the *student* finishes the segment, y = x_mid + (1 − t_mid)·net(x_mid,
   t_mid); then L_ISG = mean(√((G(z) − y)² + c²) − c), elementwise pseudo-Huber, c = 1e-3. It ties the student's
   one jump to "teacher for a while, then student", i.e. makes the student's own field at t_mid consistent with
-  the teacher's at 0.
+  the teacher's at 0. Checked against the authors' code (signs after the σ = 1 − t conversion, teacher with CFG
+  at the segment start, the *live* student at t_mid, pseudo-Huber mean next to DMD2's per-sample-normalised DM
+  loss, which is the authors' scale too). [Measured, a property of the one-segment form, not a bug] With one
+  segment [0, 1] (the authors' generators have 4 short ones) the target is a two-step Euler sample while the
+  student's field at t_mid is still the teacher's (it is trained only at t = 0), and → the teacher's one-step jump
+  as t_mid → 1: on the toy ring its ED is ≥ 0.17 for every t_mid (1.34 at 0.95; the initial student 1.37), the
+  per-element ISG gradient (≈ 1, sign-like) stays as large as DM's (0.6–1) and opposes it (cosine −0.4), and the
+  student plateaus at ED 0.17 (DMD2 0.006; λ_ISG 0.5 / 0.1 / 0: 0.038 / 0.009 / 0.002, seed 0).
+  tests/test_senseflow.py has the closed form on a Gaussian (target 0.2 z for the exact σ z, σ = 0.5, t_mid = 0.5).
 * L = L_DM + λ_ISG·L_ISG. λ_ISG = 1: the authors' SD3.5 trainer adds the ISG loss unweighted
   (``generator_loss += isg_guidance_loss``) next to ``ida_w = 0.97`` and a ±50/1000 mid-step margin (δ = 0.05).
   DISTILLERS.md §3 lists 0.5 for SD3.5 and 1.0 for FLUX; [UNVERIFIED which the paper's Table uses] — we take the
