@@ -158,3 +158,34 @@ def test_condition_with_an_ego_motion_prior_encodes_the_warped_current_frame():
     assert codec.condition(batch).prior_latents is None
     with pytest.raises(ValueError, match="needs the batch's grid"):
         codec.condition(OccBatch(past=past, future=batch.future, ego=ego), "cv-warp")
+
+
+class _ToZero(torch.nn.Module):
+    """A residual net whose field carries any state to 0 in one Euler step from t = 0: v(x, 0) = −x."""
+
+    prior, residual = "cv-warp", True
+
+    def forward(self, x, t, cond, drop_cond=None):
+        return -x
+
+
+def test_residual_net_generates_the_difference_to_the_prior_and_the_pipeline_adds_it_back():
+    torch.manual_seed(0)
+    grid = GridSpec((-8.0, -8.0, -1.0), (8.0, 8.0, 2.2), 0.4)           # 40 × 40 × 8
+    vae = OccVAE(grid_z=8, channels=(8, 8, 8), latent_channels=4, downsample=4, sparse=False).eval()
+    codec = LatentCodec(vae, scale=2.0)
+    g = torch.Generator().manual_seed(1)
+    past = torch.randint(0, 18, (2, 4, *grid.shape), generator=g)
+    future = torch.randint(0, 18, (2, 6, *grid.shape), generator=g)
+    ego = torch.eye(4).repeat(2, 10, 1, 1)
+    ego[:, :4, 0, 3] = torch.tensor([-4.5, -3.0, -1.5, 0.0])
+    batch = OccBatch(past=past, future=future, ego=ego, grid=grid)
+    x1, cond = LatentPrepare(codec, "cv-warp", residual=True)(batch)
+    assert torch.allclose(x1, codec.encode(future) - codec.encode(cv_warp(past, ego, grid)), atol=1e-5)
+    pipe = OccForecastPipeline(codec, _ToZero(), SamplerSettings(steps=1, shift=1.0, cfg_scale=1.0))
+    out = pipe.sample(cond, pipe.noise(cond, torch.Generator().manual_seed(2)))
+    assert torch.allclose(out, cond.prior_latents, atol=1e-6)           # residual 0 → the warp itself
+    with pytest.raises(ValueError, match="needs an ego-motion prior"):
+        LatentPrepare(codec, None, residual=True)
+    with pytest.raises(ValueError, match="needs a prior"):
+        OccForecaster(4, 4, 6, base_channels=8, channel_mult=(1,), attn_levels=(), heads=2, residual=True)

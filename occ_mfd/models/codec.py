@@ -114,16 +114,22 @@ def logits_to_classes(logits: torch.Tensor) -> torch.Tensor:
 
 
 class LatentPrepare(nn.Module):
-    """``prepare(batch: OccBatch) -> (x1 (B, F, C, H, W), ForecastCond)``; ``prior``: the net's ego-motion prior.
+    """``prepare(batch: OccBatch) -> (x1 (B, F, C, H, W), ForecastCond)``; ``prior``, ``residual``: the net's
+    (see :class:`~occ_mfd.models.forecaster.OccForecaster`; with ``residual``, x1 = future − prior latents).
 
     An ``nn.Module`` on purpose: an objective that stores it as an attribute (``self.prepare = prepare``)
     registers the frozen VAE as a submodule, so ``objective.to(device)`` moves it and the objective's
     checkpoint is self-contained (the VAE has no trainable parameters, so no optimiser or EMA sees it).
     """
 
-    def __init__(self, codec: LatentCodec, prior: str | None = None):
+    def __init__(self, codec: LatentCodec, prior: str | None = None, residual: bool = False):
         super().__init__()
-        self.codec, self.prior = codec, prior
+        if residual and prior is None:
+            raise ValueError("LatentPrepare: residual=True needs an ego-motion prior")
+        self.codec, self.prior, self.residual = codec, prior, residual
 
     def forward(self, batch):
-        return self.codec.encode_part(batch, "future"), self.codec.condition(batch, self.prior)
+        x1, cond = self.codec.encode_part(batch, "future"), self.codec.condition(batch, self.prior)
+        if self.residual:                       # the flow's data: what the ego-motion warp gets wrong
+            x1 = x1 - cond.prior_latents
+        return x1, cond

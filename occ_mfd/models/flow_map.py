@@ -114,6 +114,11 @@ class FlowMapNet(nn.Module):
         """The wrapped network's ego-motion prior: what the condition must carry (``OccForecaster(prior=)``)."""
         return getattr(self.net, "prior", None)
 
+    @property
+    def residual(self) -> bool:
+        """Whether the wrapped network generates future − prior latents (the pipeline adds the prior back)."""
+        return getattr(self.net, "residual", False)
+
     def dt_features(self, dt: torch.Tensor) -> torch.Tensor:
         """(B,) Δt = t − s → (B, dt_dim) input of the Δt path."""
         if self.dt_path == "time_mlp":
@@ -161,6 +166,10 @@ class FlowMapEndpoint(nn.Module):
     def prior(self) -> str | None:
         """The flow map's ego-motion prior (the pipeline builds the condition from it)."""
         return getattr(self.flow_map, "prior", None)
+
+    @property
+    def residual(self) -> bool:
+        return getattr(self.flow_map, "residual", False)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None,
                 drop_cond: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,6 +14,8 @@ samples (condition dropout for classifier-free guidance).
 future frame by the ego motion (extrapolated from the past poses, or the given future poses) enter the stem
 beside x_t. The dominant change of a driving scene is the ego's own motion; with the warp given, the network
 learns the residual (moving agents, newly seen space) instead of re-deriving a rigid warp from pose features.
+``residual=True`` goes one step further: the flow generates future − prior latents (what the warp gets wrong),
+so a net that has learnt nothing yet already forecasts the warp.
 
 Sizes (measured): full scale ``OccForecaster(16, 4, 6, base_channels=80, channel_mult=(1, 2, 4),
 num_res_blocks=2, attn_levels=(1, 2), heads=5)`` on 16×50×50 latents = 28.06 M parameters (OccFM ≈ 30 M);
@@ -75,6 +77,7 @@ class OccForecaster(nn.Module):
         mid_attn: bool = True,
         prior: str | None = None,
         patch: int = 1,
+        residual: bool = False,
     ):
         # The constructor arguments, so an inference snapshot can rebuild this network (models/snapshot.py).
         init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -89,6 +92,11 @@ class OccForecaster(nn.Module):
             raise ValueError("prior='warp' uses the future ego poses: it needs traj_mode='future' "
                              "(use prior='cv-warp' with traj_mode='past')")
         self.prior = prior
+        if residual and prior is None:
+            raise ValueError("residual=True generates the difference to the ego-motion prior: it needs a prior")
+        # residual: the flow's data is (future latents − prior latents); LatentPrepare subtracts the prior and the
+        # pipeline adds it back after sampling. The network and the distillers see one velocity field as before.
+        self.residual = bool(residual)
         if patch < 1:
             raise ValueError(f"patch must be >= 1, got {patch}")
         self.patch = patch

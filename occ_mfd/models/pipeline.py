@@ -97,12 +97,16 @@ class OccForecastPipeline(nn.Module):
 
     def sample(self, cond: ForecastCond, x0: torch.Tensor, steps: int | None = None,
                cfg_scale: float | None = None) -> torch.Tensor:
-        """Integrate the (guided) velocity from x0 at t = 0 to t = 1: (B, F, C, H, W) latents."""
+        """Integrate the (guided) velocity from x0 at t = 0 to t = 1: (B, F, C, H, W) latents (a residual net's
+        output plus its prior latents)."""
         steps = self.steps if steps is None else int(steps)
         scale = self.cfg_scale if cfg_scale is None else float(cfg_scale)
         velocity = guided(self.net, scale, fused=self.fused_cfg)
         grid = time_grid(steps, self.shift, device=x0.device, dtype=x0.dtype)
-        return euler_integrate(lambda x, t: velocity(x, t, cond), x0, grid)
+        x1 = euler_integrate(lambda x, t: velocity(x, t, cond), x0, grid)
+        if getattr(self.net, "residual", False):     # the net generates future − prior latents
+            x1 = x1 + cond.prior_latents
+        return x1
 
     def decode_logits(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, F, C, H, W) → (B, F, K, X, Y, Z) logits."""

@@ -119,7 +119,7 @@ class OccFlowTeacher(FlowMatchingObjective):
             raise ValueError("objective.net must not set latent_channels: it is the VAE's")
         forecaster = OccForecaster(latent_channels=vae_model.latent_channels, **net)
         super().__init__(forecaster, LatentPrepare(LatentCodec(vae_model, scale=latent_scale, cache_mb=latent_cache_mb),
-                                                     forecaster.prior),
+                                                     forecaster.prior, forecaster.residual),
                          time_sampler=LogitNormalTime(time_mean, time_std), cond_drop_prob=cond_drop_prob)
         self.sampler = SamplerSettings(int(steps), float(shift), float(cfg_scale))
         self._portable = {"vae_snapshot": None, "vae": vae_desc} if vae_desc is not None else {}

@@ -42,7 +42,7 @@ def load_occ_teacher(teacher_snapshot: str | None, teacher: dict | None, with_au
     # Trainable copies (the forecaster has no dropout or batch norm, so train/eval modes do not matter).
     student = copy.deepcopy(net).requires_grad_(True)
     aux = copy.deepcopy(net).requires_grad_(True) if with_aux else None
-    return OccTeacher(net, student, aux, LatentPrepare(snap.codec(latent_cache_mb), net.prior), float(snap.sampler.cfg_scale), desc,
+    return OccTeacher(net, student, aux, LatentPrepare(snap.codec(latent_cache_mb), net.prior, net.residual), float(snap.sampler.cfg_scale), desc,
                       (f"teacher snapshot {snap.path or '(stored description)'}", snap.grid))
 
 
