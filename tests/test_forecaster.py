@@ -5,8 +5,12 @@ import math
 import pytest
 import torch
 
+from occ_mfd.flow.time_sampling import time_grid
 from occ_mfd.models.blocks import SpatialAttnBlock, TemporalAttnBlock
+from occ_mfd.models.codec import LatentCodec
 from occ_mfd.models.forecaster import ForecastCond, OccForecaster, ego_trajectory
+from occ_mfd.models.pipeline import OccForecastPipeline, SamplerSettings
+from occ_mfd.models.vae import OccVAE
 
 P, FUT, C, H, W = 2, 3, 4, 6, 5
 
@@ -189,3 +193,35 @@ def test_patch2_net_is_the_coarse_net_on_space_to_depth_latents():
     assert torch.allclose(v_fine, expect, atol=1e-5)
     with pytest.raises(ValueError, match="not divisible by patch=2"):
         fine(x[..., :-1], t, ForecastCond(past[..., :-1], ego, prior[..., :-1]))
+
+
+@pytest.mark.parametrize("t_value", [0.0, 0.3, 0.99])
+def test_data_prediction_returns_the_velocity_that_reaches_the_predicted_data(t_value):
+    """Same weights: the data-prediction net's velocity is (x̂1 − x_t) / max(1 − t, 0.05), with x̂1 the velocity
+    net's raw output."""
+    vel = _net()
+    data = OccForecaster(**{**vel.init_kwargs, "prediction": "data"}).eval()
+    data.load_state_dict(vel.state_dict())
+    x, _, cond = _inputs()
+    t = torch.full((x.shape[0],), t_value)
+    with torch.no_grad():
+        expect = (vel(x, t, cond) - x) / max(1 - t_value, 0.05)
+        assert torch.allclose(data(x, t, cond), expect, atol=1e-4)
+
+
+@pytest.mark.parametrize("steps, cfg", [(1, 1.0), (10, 2.0)])
+def test_an_untrained_residual_data_prediction_teacher_forecasts_the_warp(steps, cfg):
+    """Zero output layer (the init) → x̂1 = 0 residual → every Euler step on the shifted grid lands the state on
+    0 at t = 1, and the pipeline returns the prior latents themselves, with or without guidance."""
+    assert time_grid(10, 3.0)[-2] < 0.95                          # the clamp never bites on this grid
+    torch.manual_seed(0)
+    net = OccForecaster(latent_channels=C, past=P, future=FUT, base_channels=16, channel_mult=(1, 2),
+                        num_res_blocks=1, attn_levels=(1,), heads=2, prior="cv-warp", residual=True,
+                        prediction="data").eval()
+    vae = OccVAE(grid_z=8, channels=(8, 8), latent_channels=C, downsample=2, sparse=False)
+    pipe = OccForecastPipeline(LatentCodec(vae), net, SamplerSettings(steps=steps, shift=3.0, cfg_scale=cfg))
+    x, _, cond = _inputs()
+    cond = _with_prior(cond)
+    with torch.no_grad():
+        out = pipe.sample(cond, torch.randn_like(x))
+    assert torch.allclose(out, cond.prior_latents, atol=1e-5)

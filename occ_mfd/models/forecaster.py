@@ -15,7 +15,13 @@ future frame by the ego motion (extrapolated from the past poses, or the given f
 beside x_t. The dominant change of a driving scene is the ego's own motion; with the warp given, the network
 learns the residual (moving agents, newly seen space) instead of re-deriving a rigid warp from pose features.
 ``residual=True`` goes one step further: the flow generates future − prior latents (what the warp gets wrong),
-so a net that has learnt nothing yet already forecasts the warp.
+and ``prediction="data"`` makes the network output the data estimate x̂1 and returns the velocity it implies,
+v = (x̂1 − x_t) / (1 − t) (1 − t clamped at :data:`DATA_PRED_MIN_GAP`; x-prediction as in Li & He 2025,
+"Back to Basics: Let Denoising Generative Models Denoise"). Together, a net that outputs 0 (an untrained
+one: the output layer starts at zero) predicts
+a zero residual and the sampler returns the warp itself at any step count; training then only has to learn what
+the warp gets wrong. (With a velocity output, 0 means "keep the noise": the net must first learn v ≈ −n exactly
+before the prior shows through, which 400 CPU steps do not achieve.)
 
 Sizes (measured): full scale ``OccForecaster(16, 4, 6, base_channels=80, channel_mult=(1, 2, 4),
 num_res_blocks=2, attn_levels=(1, 2), heads=5)`` on 16×50×50 latents = 28.06 M parameters (OccFM ≈ 30 M);
@@ -58,6 +64,11 @@ def ego_trajectory(ego: torch.Tensor, xy_scale: float = 0.02) -> torch.Tensor:
     return torch.cat([xy, yaw[..., None]], dim=-1)
 
 
+PREDICTIONS = ("velocity", "data")
+#: Smallest 1 − t by which a data prediction is divided (x̂1 → v): bounds the velocity near t = 1.
+DATA_PRED_MIN_GAP = 0.05
+
+
 class OccForecaster(nn.Module):
     """``forward(x_t (B, F, C, H, W), t (B,), cond: ForecastCond, drop_cond (B,) bool | None) -> v (B, F, C, H, W)``."""
 
@@ -78,6 +89,7 @@ class OccForecaster(nn.Module):
         prior: str | None = None,
         patch: int = 1,
         residual: bool = False,
+        prediction: str = "velocity",
     ):
         # The constructor arguments, so an inference snapshot can rebuild this network (models/snapshot.py).
         init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -97,6 +109,9 @@ class OccForecaster(nn.Module):
         # residual: the flow's data is (future latents − prior latents); LatentPrepare subtracts the prior and the
         # pipeline adds it back after sampling. The network and the distillers see one velocity field as before.
         self.residual = bool(residual)
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.prediction = prediction
         if patch < 1:
             raise ValueError(f"patch must be >= 1, got {patch}")
         self.patch = patch
@@ -213,4 +228,8 @@ class OccForecaster(nn.Module):
         out = self.out(F.silu(self.out_norm(h.flatten(0, 1))))                       # (B·T, C·p², H/p, W/p)
         if self.patch > 1:
             out = F.pixel_shuffle(out, self.patch)                                     # (B·T, C, H, W)
-        return out.unflatten(0, (B_, T))[:, P:]
+        out = out.unflatten(0, (B_, T))[:, P:]                                        # (B, F, C, H, W)
+        if self.prediction == "data":                   # out = x̂1: the velocity that reaches it from x_t
+            gap = (1 - t.to(x_t.dtype).expand(B)).clamp_min(DATA_PRED_MIN_GAP)[:, None, None, None, None]
+            out = (out - x_t) / gap
+        return out
