@@ -25,7 +25,7 @@ PY = sys.executable
 
 # World and training sizes. "smoke" is the end-to-end test's size: it checks the plumbing, not the quality.
 SIZES = {
-    "demo": dict(scenes=8, keyframes=40, sweeps=2, vae_steps=300, teacher_steps=400, mfd_steps=160,
+    "demo": dict(scenes=8, keyframes=40, sweeps=2, vae_steps=600, teacher_steps=400, mfd_steps=160,
                  bench_runs=50, bench_warmup=10, bench_train_runs=10, bench_train_warmup=2, max_eval=40),
     "smoke": dict(scenes=2, keyframes=12, sweeps=1, vae_steps=10, teacher_steps=10, mfd_steps=10,
                   bench_runs=3, bench_warmup=1, bench_train_runs=2, bench_train_warmup=0, max_eval=2),
@@ -101,9 +101,9 @@ def main() -> None:
 
     snap = {name: w / name / "snapshot.pt" for name in ("vae", "teacher", "mfd")}
     common = [f"data.root={occ}"]
-    run("vae", [PY, "tools/train.py", "configs/tiny/vae.py", "--work-dir", w / "vae",
+    run("vae", [PY, "tools/train.py", "configs/tiny/vae_fine.py", "--work-dir", w / "vae",
                 "--max-steps", size["vae_steps"], "--cfg-options", *common], None, timings)
-    run("teacher", [PY, "tools/train.py", "configs/tiny/occfm.py", "--work-dir", w / "teacher",
+    run("teacher", [PY, "tools/train.py", "configs/tiny/occfm_ego.py", "--work-dir", w / "teacher",
                     "--max-steps", size["teacher_steps"], "--cfg-options", *common,
                     f"objective.vae_snapshot={snap['vae']}"], None, timings)
     run("mfd", [PY, "tools/train.py", "configs/tiny/mfd.py", "--work-dir", w / "mfd",
