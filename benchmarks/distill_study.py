@@ -17,7 +17,9 @@ target 0.95, pseudo-Huber; it uses data samples, no aux), ``ayf`` (AYF-EMD: a tw
 MLP + a zero-initialised Δt path; c = 0.1, warm-up H = 10 % of ``--updates``, times "fastgen_endpoint"; data
 samples, no aux), and ablations ``mfd_coupled`` (x_s from the generator's own noise), ``vsd_max2`` (t = max of two
 uniforms), ``mfd_h<H>``, ``ayf_meanflow`` (AYF with the previous "meanflow" time sampler, occ_mfd/objectives/ayf.py).
-Not yet here: suite ``occ`` (tiny occupancy) — asking for it is an error that says so.
+Suite ``occ`` (§12 C, ``benchmarks/distill_occ.py``): each method's ``configs/tiny`` config through the real
+training loop from one teacher snapshot (``--occ-teacher``, data ``--occ-data``), ``--updates`` student updates at
+4:1, then IoU / mIoU of its one-step student on the first ``--occ-eval-sequences`` val sequences.
 
 JSON: ``{"settings", "rows": [one per (suite, method, seed)], "summary": {suite: {method: {metric: [mean,
 std over seeds]}}}}``; row keys: suite, method, seed, updates, energy_distance, energy_distance_init,
@@ -26,7 +28,7 @@ energy_distance_floor, mode_tv, coupling_error (E||G(z) − Φ_T(z)||, the same 
 (amortised over the aux updates), nfe_per_update (per student update: teacher + aux + student forwards + the
 JVP's 2), curve
 ([[student updates, energy distance], ...]); toy: mode_recall; cond: energy_distance_data, narrow_mass,
-narrow_mass_reference.
+narrow_mass_reference; occ: iou_mean_123, miou_mean_123, iou_mean_all, miou_mean_all (no energy distance).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.distill_occ import run_occ  # noqa: E402
 from benchmarks.toy2d import fit_teacher  # noqa: E402
 from benchmarks.toy2d_gmm import ExactTeacher, GaussianMixture2D, MLPVelocity, energy_distance  # noqa: E402
 from occ_mfd.atomic import atomic_write  # noqa: E402
@@ -56,8 +59,8 @@ from occ_mfd.objectives.dmd2 import DistributionMatchingDistillation  # noqa: E4
 from occ_mfd.objectives.mfd import MeanFlowDistillation  # noqa: E402
 from occ_mfd.objectives.senseflow import SenseFlowDistillation  # noqa: E402
 
-SUITES = {"toy", "cond"}
-PLANNED_SUITES = {"occ"}
+SUITES = {"toy", "cond", "occ"}
+PLANNED_SUITES: set[str] = set()
 METHODS = ("mfd", "vsd", "dmd2", "senseflow", "cd", "ayf", "mfd_coupled", "vsd_max2", "ayf_meanflow")
 PLANNED_METHODS = ()
 TOY = dict(fit_steps=1500, aux_warmup=300, batch=256, lr=1e-3, aux_steps=4, h=0.02, eval_n=2000, grad_reps=50,
@@ -353,6 +356,7 @@ def run_cond(methods: list[str], seed: int, updates: int, cfg: dict, progress: b
 
 SUMMARY_KEYS = ("energy_distance", "mode_recall", "mode_tv", "coupling_error", "rel_grad_var_init",
                 "ms_per_update", "nfe_per_update")
+OCC_KEYS = ("iou_mean_123", "miou_mean_123", "iou_mean_all", "miou_mean_all")
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -360,9 +364,9 @@ def summarise(rows: list[dict]) -> dict:
     out = {}
     for suite, m in dict.fromkeys((r["suite"], r["method"]) for r in rows):
         rs = [r for r in rows if r["method"] == m and r["suite"] == suite]
-        keys = [k for k in SUMMARY_KEYS + ("energy_distance_data", "narrow_mass") if k in rs[0]]
-        out.setdefault(suite, {})[m] = {k: [float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs]))]
-                                        for k in keys}
+        keys = [k for k in SUMMARY_KEYS + ("energy_distance_data", "narrow_mass") + OCC_KEYS if k in rs[0]]
+        vals = {k: [r[k] for r in rs if r.get(k) is not None] for k in keys}     # None: not measured (occ resume)
+        out.setdefault(suite, {})[m] = {k: [float(np.mean(v)), float(np.std(v))] for k, v in vals.items() if v}
         out[suite][m]["seeds"] = len(rs)
     return out
 
@@ -375,7 +379,7 @@ def plot(path: Path, rows: list[dict]) -> None:
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     for i, key in enumerate(dict.fromkeys((r["suite"], r["method"]) for r in rows)):
-        for j, r in enumerate(r for r in rows if (r["suite"], r["method"]) == key):
+        for j, r in enumerate(r for r in rows if (r["suite"], r["method"]) == key and "curve" in r):
             u, ed = zip(*r["curve"])
             ax.plot(u, ed, color=f"C{i}", alpha=0.8, linestyle="-" if key[0] == "toy" else "--",
                     label=f"{key[0]} {key[1]}" if j == 0 else None)
@@ -397,6 +401,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="study.json")
     ap.add_argument("--plot", help="PNG of energy distance vs student updates")
+    ap.add_argument("--occ-data", default="work_dirs/demo/occ", help="suite occ: prepared dataset")
+    ap.add_argument("--occ-teacher", default="work_dirs/demo/teacher/snapshot.pt", help="suite occ: teacher")
+    ap.add_argument("--occ-work", default="work_dirs/distill_occ", help="suite occ: the methods' work dirs")
+    ap.add_argument("--occ-eval-sequences", type=int, default=40)
     a = ap.parse_args(argv)
     for s in a.suite:
         if s not in SUITES:
@@ -408,7 +416,11 @@ def main(argv=None) -> int:
     cfg = dict(TOY, updates=a.updates,
                **(dict(fit_steps=200, aux_warmup=50, eval_n=500, grad_reps=8, curve_every=10, ref_steps=200)
                   if a.quick else {}))
-    runners = {"toy": run_toy, "cond": run_cond}
+    def occ(methods, seed, updates, cfg, progress):
+        return run_occ(methods, seed, updates, data_root=a.occ_data, teacher=a.occ_teacher, work=a.occ_work,
+                       eval_sequences=a.occ_eval_sequences, progress=progress)
+
+    runners = {"toy": run_toy, "cond": run_cond, "occ": occ}
     rows = []
     for suite in a.suite:
         for seed in a.seeds:
@@ -418,13 +430,17 @@ def main(argv=None) -> int:
     atomic_write(Path(a.out), lambda f: f.write(json.dumps(res, indent=2)), binary=False)
     if a.plot:
         plot(Path(a.plot), rows)
-    cols = ("energy_distance", "mode_tv", "coupling_error", "rel_grad_var_init", "ms_per_update", "nfe_per_update")
-    print(f"{'suite':<6}{'method':<14}" + "".join(f"{k:>22}" for k in cols))
     for suite, methods in res["summary"].items():
+        cols = (("iou_mean_123", "miou_mean_123", "ms_per_update", "nfe_per_update") if suite == "occ" else
+                ("energy_distance", "mode_tv", "coupling_error", "rel_grad_var_init", "ms_per_update",
+                 "nfe_per_update"))
+        print(f"{'suite':<6}{'method':<14}" + "".join(f"{k:>22}" for k in cols))
         for m, st in methods.items():
-            print(f"{suite:<6}{m:<14}" + "".join(f"{st[k][0]:>13.4g} ± {st[k][1]:<6.2g}" for k in cols))
+            print(f"{suite:<6}{m:<14}" + "".join(f"{st[k][0]:>13.4g} ± {st[k][1]:<6.2g}" if k in st else
+                                                 f"{'n/a':>22}" for k in cols))
     print(f"wrote {a.out}" + (f" and {a.plot}" if a.plot else ""))
-    return 0 if all(math.isfinite(r["energy_distance"]) for r in rows) else 1
+    scores = [r.get("energy_distance", r.get("iou_mean_123")) for r in rows]
+    return 0 if all(v is not None and math.isfinite(v) for v in scores) else 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.distill_occ import occ_method  # noqa: E402
 from benchmarks.distill_study import check_method, main  # noqa: E402
 
 
@@ -43,8 +44,33 @@ def test_unknown_names_are_clear_errors():
         check_method(name)
     with pytest.raises(SystemExit, match="unknown method 'mdf'"):
         main(["--methods", "mdf"])
-    with pytest.raises(SystemExit, match="suite 'occ': planned"):
-        main(["--suite", "occ"])
+    with pytest.raises(SystemExit, match="unknown suite|suite 'occc'"):
+        main(["--suite", "occc"])
+    with pytest.raises(ValueError, match="no occupancy configuration"):
+        occ_method("toy_only")
+    assert occ_method("mfd_h0.005") == ("mfd", {"max_substep": 0.005})
+
+
+@pytest.mark.slow
+def test_occ_suite_trains_each_method_through_the_loop_and_scores_its_one_step_student(stages, tmp_path):
+    """Suite occ on the session's tiny teacher: every method gets the same student updates at 4:1 (aux methods
+    run 5 loop steps per update), its row holds the eval's scores, and a second run reuses the finished work."""
+    work, data = stages
+    out = tmp_path / "o.json"
+    args = ["--suite", "occ", "--methods", "vsd", "cd", "--seeds", "0", "--updates", "2", "--occ-data", str(data),
+            "--occ-teacher", str(work / "teacher" / "snapshot.pt"), "--occ-work", str(tmp_path / "w"),
+            "--occ-eval-sequences", "2", "--out", str(out)]
+    assert main(args) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    for name, steps in (("vsd", 10), ("cd", 2)):
+        r = rows[name]
+        assert r["suite"] == "occ" and r["updates"] == 2 and 0 <= r["iou_mean_123"] <= 100
+        logged = [json.loads(x)["step"] for x in (Path(r["work_dir"]) / "log.jsonl").read_text().splitlines()]
+        assert max(logged) == steps, name
+    assert rows["vsd"]["nfe_per_update"] == 4 and rows["vsd"]["ms_per_update"] > 0
+    assert main(args) == 0                                          # finished runs are reused, not retrained
+    again = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert again["vsd"]["iou_mean_123"] == rows["vsd"]["iou_mean_123"] and again["vsd"]["ms_per_update"] is None
 
 
 @pytest.mark.slow
