@@ -85,8 +85,11 @@ def run_occ(methods: list[str], seed: int, updates: int, *, data_root: str, teac
         cfg = method_config(name, seed, updates, data_root, teacher)
         fresh = not (work_dir / "latest.pt").exists()
         t0 = time.perf_counter()
-        train(cfg, work_dir, device="cpu")
+        result = train(cfg, work_dir, device="cpu")
         seconds = time.perf_counter() - t0
+        if not result.finished:     # stopped by a signal: its checkpoint is written; scoring it would be wrong
+            raise SystemExit(f"{name}: training stopped at step {result.step}/{cfg.train.max_steps} "
+                             f"({result.stopped_by}); run the same command again to resume it")
         pipeline, _ = load_forecaster(work_dir)
         row = run_eval(val, [PipelineForecaster(pipeline, name, steps=1)], grid=val.grid, seed=seed,
                        max_sequences=eval_sequences, progress=progress)[0]
