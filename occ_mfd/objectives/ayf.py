@@ -56,9 +56,9 @@ from torch import nn
 from occ_mfd.flow.guidance import guided
 from occ_mfd.flow.path import LinearPath, expand_time, state_dtype
 from occ_mfd.models.flow_map import FlowMapEndpoint, FlowMapNet, flow_map_jvp, is_flow_map
-from occ_mfd.objectives.base import LossOutput, Objective
-from occ_mfd.objectives.grad_stats import GradientVarianceMeter
+from occ_mfd.objectives.base import LossOutput
 from occ_mfd.objectives.occ_teacher import OccStudentStage, load_occ_teacher
+from occ_mfd.objectives.student_only import StudentOnlyObjective
 
 log = logging.getLogger(__name__)
 JVP_CHOICES = ("auto", "func", "fd")
@@ -67,7 +67,7 @@ TIME_SAMPLERS = {"fastgen_endpoint": (0.8, 1.6, 1.0, 0.25), "fastgen": (0.8, 1.6
                  "meanflow": (0.4, 1.0, 0.75, 0.0)}
 
 
-class AlignYourFlow(Objective):
+class AlignYourFlow(StudentOnlyObjective):
     """AYF-EMD (see the module doc). ``student``: a :class:`~occ_mfd.models.flow_map.FlowMapEndpoint` (the module
     the EMA and the snapshot hold; its ``flow_map`` is u_θ(x, s, t, cond, drop_cond)); the teacher obeys
     ``net(x_t, t, cond, drop_cond=None) -> v``. prepare(batch) -> (x1, cond) with real data x1 (B, ...).
@@ -114,7 +114,6 @@ class AlignYourFlow(Objective):
         self._jvp_method = "fd" if jvp == "fd" else "func"      # "auto" may switch to "fd" once (see module doc)
         # Student forwards so far (k of the warm-up r_k), kept in checkpoints.
         self.register_buffer("_updates", torch.tensor(0, dtype=torch.long))
-        self._grad_meter = GradientVarianceMeter(beta=0.99)
 
     @property
     def flow_map(self) -> nn.Module:
@@ -122,25 +121,7 @@ class AlignYourFlow(Objective):
         its weights in the state_dict)."""
         return self.student.flow_map
 
-    # ---------------------------------------------------------------- contract with the loop
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"student": [p for p in self.student.parameters() if p.requires_grad]}
-
-    def phase(self, step: int) -> str:
-        return "student"
-
-    def ema_modules(self) -> dict[str, nn.Module]:
-        return {"student": self.student}
-
-    def after_backward(self, phase: str) -> dict[str, float]:
-        stats = self._grad_meter.update(self.param_groups()["student"])
-        return {"student_grad_var": stats["grad_var"], "student_grad_snr": stats["grad_snr"]}
-
+    # ---------------------------------------------------------------- contract with the loop: StudentOnlyObjective
     # ---------------------------------------------------------------- pieces
     def generate(self, z: torch.Tensor, cond: Any) -> torch.Tensor:
         """X(z, 0, 1) = z + u(z, 0, 1): the one-step sample, (B, ...) → (B, ...)."""

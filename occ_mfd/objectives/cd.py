@@ -26,12 +26,12 @@ from torch import nn
 from occ_mfd.flow.guidance import guided
 from occ_mfd.flow.path import LinearPath, expand_time, state_dtype
 from occ_mfd.flow.time_sampling import time_grid
-from occ_mfd.objectives.base import LossOutput, Objective
-from occ_mfd.objectives.grad_stats import GradientVarianceMeter
+from occ_mfd.objectives.base import LossOutput
 from occ_mfd.objectives.occ_teacher import OccStudentStage, load_occ_teacher
+from occ_mfd.objectives.student_only import StudentOnlyObjective
 
 
-class ConsistencyDistillation(Objective):
+class ConsistencyDistillation(StudentOnlyObjective):
     """One-step consistency distillation; networks obey ``net(x_t, t, cond, drop_cond=None) -> v``.
 
     prepare(batch) -> (x1, cond) with real data x1 (B, ...). Args: grid_steps N and shift of the teacher's
@@ -54,27 +54,8 @@ class ConsistencyDistillation(Objective):
         self.grid_steps, self.target_decay = int(grid_steps), float(target_decay)
         # True once a forward ran: its optimiser step is then pending for the target EMA (kept in checkpoints).
         self.register_buffer("_target_pending", torch.tensor(False))
-        self._grad_meter = GradientVarianceMeter(beta=0.99)
 
     kind = "cd"
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"student": [p for p in self.student.parameters() if p.requires_grad]}
-
-    def phase(self, step: int) -> str:
-        return "student"
-
-    def ema_modules(self) -> dict[str, nn.Module]:
-        return {"student": self.student}
-
-    def after_backward(self, phase: str) -> dict[str, float]:
-        stats = self._grad_meter.update(self.param_groups()["student"])
-        return {"student_grad_var": stats["grad_var"], "student_grad_snr": stats["grad_snr"]}
 
     def generate(self, z: torch.Tensor, cond: Any) -> torch.Tensor:
         """G(z) = f_theta(z, 0) = z + net(z, 0): the one-step sample."""
