@@ -1,4 +1,4 @@
-"""Helpers of tests/test_engine_preempt.py, importable by the subprocesses and DDP ranks those tests start.
+"""Helpers of the engine tests (preemption, checkpoints), importable by the subprocesses and DDP ranks those tests start.
 
 :class:`SignalingDataset` is the engine's toy regression data (same items) that sends signals to its own
 process when a given item is fetched, so a signal reaches training at a known step, mid-stage; ``delay_s``
@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+
+import torch
 
 from occ_mfd.engine.toys import ToyRegressionDataset
 
@@ -56,3 +58,17 @@ class CountingClock:
     def __call__(self) -> float:
         self.t += self.step_s
         return self.t
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two training checkpoints hold the same step, weights, EMA, optimiser state and RNG (bit-exact)."""
+    assert a["step"] == b["step"]
+    for k, v in a["objective"].items():
+        assert torch.equal(v, b["objective"][k]), k
+    for name, sd in a["ema"]["shadow"]["student"].items():
+        assert torch.equal(sd, b["ema"]["shadow"]["student"][name]), name
+    for g in ("aux", "student"):
+        for i, st in a["optimizers"][g]["state"].items():
+            for key, t in st.items():
+                assert torch.equal(t, b["optimizers"][g]["state"][i][key]), (g, i, key)
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])

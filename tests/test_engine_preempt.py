@@ -24,26 +24,13 @@ import torch.multiprocessing as mp
 from occ_mfd.engine import checkpoint as ck
 from occ_mfd.engine.loop import train
 from occ_mfd.engine.preempt import EXIT_PREEMPTED, REPEAT_WINDOW_S
-from preempt_toys import CountingClock, toy_cfg
+from preempt_toys import CountingClock, assert_same_training_state, toy_cfg
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
        "OMP_NUM_THREADS": "1"}
-
-
-def assert_same_training_state(a: dict, b: dict) -> None:
-    assert a["step"] == b["step"]
-    for k, v in a["objective"].items():
-        assert torch.equal(v, b["objective"][k]), k
-    for name, sd in a["ema"]["shadow"]["student"].items():
-        assert torch.equal(sd, b["ema"]["shadow"]["student"][name]), name
-    for g in ("aux", "student"):
-        for i, st in a["optimizers"][g]["state"].items():
-            for key, t in st.items():
-                assert torch.equal(t, b["optimizers"][g]["state"][i][key]), (g, i, key)
-    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
 
 
 @pytest.fixture(scope="module")
