@@ -61,15 +61,21 @@ class DistributionMatchingDistillation(MeanFlowDistillation):
                 "nfe_teacher": 1.0 if self.cfg_scale == 1.0 else 2.0, "nfe_aux": 1.0}
         return loss, logs
 
-    def forward(self, batch, phase: str) -> LossOutput:
-        if phase != "student":
-            return super().forward(batch, phase)                       # the fake flow's FM on student samples
+    def generator_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor, dict]:
+        """The generator update's draws and loss: z ~ N(0, I), x1 = G(z), fresh noise, t ~ U(t_min, t_max) →
+        (z, x1, cond, L, logs); SenseFlow adds its terms to the same z and x1."""
         x_like, cond = self.prepare(batch)[:2]
         dtype = state_dtype(x_like.dtype)
         z = torch.randn(x_like.shape, device=x_like.device, dtype=dtype)
         x1 = self.generate(z, cond).to(dtype)
         t = self.t_min + (self.t_max - self.t_min) * torch.rand(x1.shape[0], device=x1.device, dtype=dtype)
         loss, logs = self.distribution_matching_loss(x1, torch.randn_like(z), t, cond)
+        return z, x1, cond, loss, logs
+
+    def forward(self, batch, phase: str) -> LossOutput:
+        if phase != "student":
+            return super().forward(batch, phase)                       # the fake flow's FM on student samples
+        loss, logs = self.generator_step(batch)[3:]
         return LossOutput(loss=loss, logs=logs)
 
 

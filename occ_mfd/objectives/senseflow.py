@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from occ_mfd.flow.guidance import guided
-from occ_mfd.flow.path import expand_time, state_dtype
+from occ_mfd.flow.path import expand_time
 from occ_mfd.objectives.base import LossOutput
 from occ_mfd.objectives.dmd2 import DistributionMatchingDistillation
 from occ_mfd.objectives.occ_teacher import OccStudentStage, load_occ_teacher
@@ -138,12 +138,7 @@ class SenseFlowDistillation(DistributionMatchingDistillation):
         if phase != "student":
             return super().forward(batch, phase)                       # the fake flow's FM on student samples
         self._ida_pending.fill_(True)
-        x_like, cond = self.prepare(batch)[:2]
-        dtype = state_dtype(x_like.dtype)
-        z = torch.randn(x_like.shape, device=x_like.device, dtype=dtype)
-        x1 = self.generate(z, cond).to(dtype)
-        t = self.t_min + (self.t_max - self.t_min) * torch.rand(x1.shape[0], device=x1.device, dtype=dtype)
-        dm, logs = self.distribution_matching_loss(x1, torch.randn_like(z), t, cond)
+        z, x1, cond, dm, logs = self.generator_step(batch)
         loss = dm
         nfe_teacher = 1.0 if self.cfg_scale == 1.0 else 2.0
         logs = {**logs, "dm_loss": dm.detach(), "nfe_student": 1.0}
