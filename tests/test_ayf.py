@@ -23,18 +23,10 @@ from occ_mfd.models.snapshot import load_snapshot, save_snapshot  # noqa: E402
 from occ_mfd.objectives.ayf import AlignYourFlow, OccAlignYourFlow, flow_map_student  # noqa: E402
 from stage_fixtures import stage_config  # noqa: E402
 from test_mfd import MU, SIG, GaussianFlow, gauss_velocity  # noqa: E402
+from test_senseflow import ConstantFlow  # noqa: E402
 
 torch.set_num_threads(1)
 D = 3
-
-
-class ConstantFlow(nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = torch.as_tensor(m, dtype=torch.float64)
-
-    def forward(self, x, t, cond=None, drop_cond=None):
-        return self.m.expand_as(x)
 
 
 class ConstantMap(nn.Module):

@@ -140,18 +140,26 @@ def test_flow_matching_objective_integration():
     assert all(p.grad is None for p in codec.parameters())
 
 
+PRIOR_GRID = GridSpec((-8.0, -8.0, -1.0), (8.0, 8.0, 2.2), 0.4)           # 40 × 40 × 8
+
+
+def _moving_batch() -> tuple[LatentCodec, OccBatch]:
+    """A small codec and a 2-sample batch (random labels) whose ego drove 1.5 m per frame straight ahead."""
+    torch.manual_seed(0)
+    vae = OccVAE(grid_z=8, channels=(8, 8, 8), latent_channels=4, downsample=4, sparse=False).eval()
+    g = torch.Generator().manual_seed(1)
+    past = torch.randint(0, 18, (2, 4, *PRIOR_GRID.shape), generator=g)
+    future = torch.randint(0, 18, (2, 6, *PRIOR_GRID.shape), generator=g)
+    ego = torch.eye(4).repeat(2, 10, 1, 1)
+    ego[:, :4, 0, 3] = torch.tensor([-4.5, -3.0, -1.5, 0.0])
+    return LatentCodec(vae, scale=2.0), OccBatch(past=past, future=future, ego=ego, grid=PRIOR_GRID)
+
+
 def test_condition_with_an_ego_motion_prior_encodes_the_warped_current_frame():
     """The prior latents are exactly the codec's encoding of the cv-warp baseline's forecast (one warp for
     the baseline and the network's prior), and a batch without a grid is refused with a clear message."""
-    torch.manual_seed(0)
-    grid = GridSpec((-8.0, -8.0, -1.0), (8.0, 8.0, 2.2), 0.4)           # 40 × 40 × 8
-    vae = OccVAE(grid_z=8, channels=(8, 8, 8), latent_channels=4, downsample=4, sparse=False).eval()
-    codec = LatentCodec(vae, scale=2.0)
-    g = torch.Generator().manual_seed(1)
-    past = torch.randint(0, 18, (2, 4, *grid.shape), generator=g)
-    ego = torch.eye(4).repeat(2, 10, 1, 1)
-    ego[:, :4, 0, 3] = torch.tensor([-4.5, -3.0, -1.5, 0.0])             # 1.5 m per frame, straight ahead
-    batch = OccBatch(past=past, future=past[:, :1].repeat(1, 6, 1, 1, 1), ego=ego, grid=grid)
+    codec, batch = _moving_batch()
+    past, ego, grid = batch.past, batch.ego, batch.grid
     cond = codec.condition(batch, "cv-warp")
     assert torch.equal(cond.prior_latents, codec.encode(cv_warp(past, ego, grid)))
     assert not torch.allclose(cond.prior_latents[:, 0], codec.encode(past[:, -1:])[:, 0])   # it moved
@@ -170,16 +178,8 @@ class _ToZero(torch.nn.Module):
 
 
 def test_residual_net_generates_the_difference_to_the_prior_and_the_pipeline_adds_it_back():
-    torch.manual_seed(0)
-    grid = GridSpec((-8.0, -8.0, -1.0), (8.0, 8.0, 2.2), 0.4)           # 40 × 40 × 8
-    vae = OccVAE(grid_z=8, channels=(8, 8, 8), latent_channels=4, downsample=4, sparse=False).eval()
-    codec = LatentCodec(vae, scale=2.0)
-    g = torch.Generator().manual_seed(1)
-    past = torch.randint(0, 18, (2, 4, *grid.shape), generator=g)
-    future = torch.randint(0, 18, (2, 6, *grid.shape), generator=g)
-    ego = torch.eye(4).repeat(2, 10, 1, 1)
-    ego[:, :4, 0, 3] = torch.tensor([-4.5, -3.0, -1.5, 0.0])
-    batch = OccBatch(past=past, future=future, ego=ego, grid=grid)
+    codec, batch = _moving_batch()
+    past, future, ego, grid = batch.past, batch.future, batch.ego, batch.grid
     x1, cond = LatentPrepare(codec, "cv-warp", residual=True)(batch)
     assert torch.allclose(x1, codec.encode(future) - codec.encode(cv_warp(past, ego, grid)), atol=1e-5)
     pipe = OccForecastPipeline(codec, _ToZero(), SamplerSettings(steps=1, shift=1.0, cfg_scale=1.0))
