@@ -131,7 +131,7 @@ def test_jvp_of_the_tiny_forecaster_matches_an_fp64_central_difference():
     assert float((fd.double() - ref).norm() / ref.norm()) <= 1e-2
 
 
-def test_flow_map_wrappers_expose_the_wrapped_forecasters_ego_motion_prior():
+def test_flow_map_wrappers_expose_the_wrapped_forecasters_ego_motion_prior_and_residual():
     """The pipeline builds the condition from ``net.prior``: a flow-map student of a prior teacher must ask for
     the same prior (else it would be sampled without the input it was trained on)."""
     torch.manual_seed(0)
@@ -139,3 +139,5 @@ def test_flow_map_wrappers_expose_the_wrapped_forecasters_ego_motion_prior():
                         attn_levels=(), heads=2, prior="cv-warp")
     assert FlowMapEndpoint(FlowMapNet(net)).prior == "cv-warp"
     assert FlowMapEndpoint(FlowMapNet(_forecaster()[0])).prior is None
+    residual = OccForecaster(**{**net.init_kwargs, "residual": True})
+    assert FlowMapEndpoint(FlowMapNet(residual)).residual and not FlowMapEndpoint(FlowMapNet(net)).residual
