@@ -16,7 +16,7 @@ intra-segment guidance + IDA λ = 0.97, no discriminator), ``cd`` (one-step cons
 target 0.95, pseudo-Huber; it uses data samples, no aux), ``ayf`` (AYF-EMD: a two-time flow-map student, the fitted
 MLP + a zero-initialised Δt path; c = 0.1, warm-up H = 10 % of ``--updates``, times "fastgen_endpoint"; data
 samples, no aux), and ablations ``mfd_coupled`` (x_s from the generator's own noise), ``vsd_max2`` (t = max of two
-uniforms), ``mfd_h<H>``, ``ayf_meanflow`` (AYF with the previous "meanflow" time sampler, occ_mfd/objectives/ayf.py).
+uniforms), ``mfd_h<H>``, ``senseflow_isg<W>`` (λ_ISG = W), ``ayf_meanflow`` (AYF with the previous "meanflow" time sampler, occ_mfd/objectives/ayf.py).
 Suite ``occ`` (§12 C, ``benchmarks/distill_occ.py``): each method's ``configs/tiny`` config through the real
 training loop from one teacher snapshot (``--occ-teacher``, data ``--occ-data``), ``--updates`` student updates at
 4:1, then IoU / mIoU of its one-step student on the first ``--occ-eval-sequences`` val sequences.
@@ -68,9 +68,9 @@ TOY = dict(fit_steps=1500, aux_warmup=300, batch=256, lr=1e-3, aux_steps=4, h=0.
 
 
 def check_method(name: str) -> None:
-    if name in METHODS or re.fullmatch(r"mfd_h\d*\.?\d+", name):
+    if name in METHODS or re.fullmatch(r"(mfd_h|senseflow_isg)\d*\.?\d+", name):
         return
-    known = f"known: {', '.join(METHODS)}, mfd_h<H>"
+    known = f"known: {', '.join(METHODS)}, mfd_h<H>, senseflow_isg<W>"
     if name in PLANNED_METHODS:
         raise SystemExit(f"error: method {name!r} is planned, not implemented yet; {known}")
     raise SystemExit(f"error: unknown method {name!r}; {known}")
@@ -93,8 +93,9 @@ def make_objective(name: str, teacher, student, aux, cfg: dict, cfg_scale: float
     kw = dict(cfg_scale=cfg_scale, aux_steps=cfg["aux_steps"], student_steps=1)
     if name == "dmd2":
         return DistributionMatchingDistillation(teacher, student, aux, prepare, **kw)
-    if name == "senseflow":
-        return SenseFlowDistillation(teacher, student, aux, prepare, **kw)
+    if name == "senseflow" or name.startswith("senseflow_isg"):      # senseflow_isg<W>: λ_ISG = W (ablation)
+        isg = float(name[len("senseflow_isg"):]) if name.startswith("senseflow_isg") else 1.0
+        return SenseFlowDistillation(teacher, student, aux, prepare, isg_weight=isg, **kw)
     h = float(name[len("mfd_h"):]) if name.startswith("mfd_h") else cfg["h"]
     extra = {"mfd_coupled": dict(noise="coupled"), "vsd": dict(s_neq_t_ratio=0.0),
              "vsd_max2": dict(s_neq_t_ratio=0.0, vsd_time="max2")}.get(name, {})
