@@ -40,8 +40,10 @@ def test_quick_cond_study_row(tmp_path):
 
 
 def test_unknown_names_are_clear_errors():
-    for name in ("senseflow", "ayf", "ayf_meanflow"):                   # implemented now
+    for name in ("senseflow", "ayf", "ayf_meanflow", "senseflow_isg0.5", "mfd_h0.01"):   # implemented now
         check_method(name)
+    with pytest.raises(SystemExit, match="unknown method 'senseflow_isg'"):
+        check_method("senseflow_isg")
     with pytest.raises(SystemExit, match="unknown method 'mdf'"):
         main(["--methods", "mdf"])
     with pytest.raises(SystemExit, match="unknown suite|suite 'occc'"):
