@@ -40,6 +40,14 @@ def _frames(out):
 
 
 @pytest.mark.slow
+def _assert_lidar2ego_recorded(idx, src):
+    """Every keyframe's LIDAR_TOP calibration is in the index, as the source has it (LiDAR-frame trajectories)."""
+    for s in idx.scenes:
+        by_token = {kf.token: kf for kf in src.scene(s.name).keyframes}
+        for f in s.frames:
+            np.testing.assert_allclose(f.lidar2ego, by_token[f.token].lidar.sensor2ego, atol=1e-12)
+
+
 def test_quality_against_truth(world, src, tmp_path):
     out = tmp_path / "o"
     run_prepare(world, V, out, PrepareConfig(), scenes=["scene-0002"], workers=1, progress=False, src=src)
@@ -47,6 +55,7 @@ def test_quality_against_truth(world, src, tmp_path):
     q = compare_to_truth(out, world / "truth", boxes)
     print(q.summary())
     assert q.frames == 10
+    _assert_lidar2ego_recorded(load_index(out), src)
     # Measured on this scene (world seed 3, scene-0002): IoU 0.853, mIoU 0.626, 0 trail voxels of 27,275.
     assert q.iou >= 0.80
     assert q.miou >= 0.55
@@ -142,6 +151,7 @@ def test_cli_occ3d_source_and_verify(world, tmp_path, capsys):
     assert rc == 0
     idx = load_index(out)
     assert idx.num_frames == 20 and {s.split for s in idx.scenes} == {"train", "val"}
+    _assert_lidar2ego_recorded(idx, NuScenesSource(world, V))
     assert verify_dataset(out, progress=False).num_checked == 20
     assert cli.main(["verify", str(tmp_path / "nothing")]) == 2
     assert "index.json not found" in capsys.readouterr().err

@@ -4,10 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from occ_mfd.data.index import DatasetIndex, FrameEntry, SceneEntry, save_index
+from occ_mfd.data.index import DatasetIndex, FrameEntry, SceneEntry, load_index, save_index
 from occ_mfd.data.occ3d import OccFrame, labels_path, write_labels
 from occ_mfd.data.pool import pool_mask, pool_semantics
-from occ_mfd.data.sequences import OccSequenceDataset, relative_poses
+from occ_mfd.data.sequences import OccSequenceDataset, lidar_displacements, relative_poses
 from occ_mfd.grid import GridSpec
 
 SMALL = GridSpec((-4.0, -4.0, -1.0), (4.0, 4.0, 0.6), 0.4)  # 20 × 20 × 4
@@ -140,3 +140,76 @@ def test_frame_cache_returns_the_same_items_reads_each_frame_once_and_stays_with
     tokens = small[0].tokens
     assert len(small._cache) == 3 and small._cached_bytes == 1200
     assert [t for _, t in small._cache] == tokens[-3:]
+
+
+# --------------------------------------------------------------------------- LiDAR-frame trajectory (OccFM's)
+def _lidar2ego() -> np.ndarray:
+    """nuScenes-like LIDAR_TOP: x right, y forward (ego x forward, y left), at (0.94, 0, 1.84) in the ego frame."""
+    L = np.eye(4)
+    L[:3, :3] = [[0, 1, 0], [-1, 0, 0], [0, 0, 1]]   # columns: lidar x → ego −y, lidar y → ego x
+    L[:3, 3] = [0.94, 0.0, 1.84]
+    return L
+
+
+def _arc_poses(n: int, step: float, dyaw: float) -> np.ndarray:
+    """Ego poses that advance ``step`` m along their own x then turn ``dyaw`` rad, repeated (start at identity)."""
+    out, T = [], np.eye(4)
+    c, s = math.cos(dyaw), math.sin(dyaw)
+    D = np.eye(4)
+    D[:2, :2] = [[c, -s], [s, c]]
+    D[0, 3] = step
+    for _ in range(n):
+        out.append(T.copy())
+        T = T @ D
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("step,dyaw", [(5.0, 0.0), (3.0, 0.2), (0.0, -0.3)])
+def test_lidar_displacements_by_hand(step, dyaw):
+    # Ego k+1 in ego k: rotation dyaw, origin (step, 0). The LiDAR origin (0.94, 0) of ego k+1 lands at
+    # (step + 0.94 cos dyaw, 0.94 sin dyaw) in ego k; minus (0.94, 0), then ego (x, y) → lidar (−y, x).
+    E = _arc_poses(4, step, dyaw)
+    L = np.repeat(_lidar2ego()[None], 4, axis=0)
+    d = lidar_displacements(E, L)
+    expect = np.array([-0.94 * math.sin(dyaw), step + 0.94 * (math.cos(dyaw) - 1.0)])
+    assert d.shape == (3, 2) and d.dtype == np.float32
+    np.testing.assert_allclose(d, np.repeat(expect[None], 3, axis=0), atol=1e-5)
+
+
+def test_lidar_displacements_are_independent_of_the_global_frame():
+    E, L = _arc_poses(5, 2.0, 0.1), np.repeat(_lidar2ego()[None], 5, axis=0)
+    G = np.eye(4)
+    G[:2, :2] = [[math.cos(1.1), -math.sin(1.1)], [math.sin(1.1), math.cos(1.1)]]
+    G[:3, 3] = [300.0, -42.0, 0.0]
+    np.testing.assert_allclose(lidar_displacements(G @ E, L), lidar_displacements(E, L), atol=1e-4)
+
+
+@pytest.mark.parametrize("n_frames", [5, 6])
+def test_dataset_lidar_traj_rows_and_scene_end(tmp_path, n_frames):
+    # P = 2, F = 3: the window covers frames 0..4; its last row is frame 4 → 5, zero when the scene ends at 4.
+    E = _arc_poses(n_frames, 4.0, 0.05)
+    frames = []
+    for k in range(n_frames):
+        write_labels(labels_path(tmp_path, "s", f"t{k}"), frame_arrays(0, k), SMALL)
+        frames.append(FrameEntry(f"t{k}", 1_000_000 * (k + 1), E[k], {"lidar2ego": _lidar2ego().tolist()}))
+    save_index(tmp_path, DatasetIndex(SMALL, [SceneEntry("s", "train", frames)], {"type": "test"}))
+    item = OccSequenceDataset(tmp_path, "train", past=2, future=3)[0]
+    full = lidar_displacements(E, np.repeat(_lidar2ego()[None], n_frames, axis=0))
+    assert item.lidar_traj.shape == (5, 2)
+    np.testing.assert_allclose(item.lidar_traj[:4], full[:4], atol=1e-5)
+    if n_frames == 5:
+        assert np.all(item.lidar_traj[4] == 0)
+    else:
+        np.testing.assert_allclose(item.lidar_traj[4], full[4], atol=1e-5)
+        assert abs(item.lidar_traj[4, 1]) > 3.0  # forward motion is LiDAR +y
+
+
+def test_dataset_without_lidar2ego_has_no_lidar_traj(root):
+    assert OccSequenceDataset(root, "val")[0].lidar_traj is None
+
+
+def test_index_rejects_a_malformed_lidar2ego(tmp_path):
+    frame = FrameEntry("t0", 1, np.eye(4), {"lidar2ego": [[1, 0], [0, 1]]})
+    save_index(tmp_path, DatasetIndex(SMALL, [SceneEntry("s", "train", [frame])], {"type": "test"}))
+    with pytest.raises(ValueError, match="frame 0: 'lidar2ego' must be a finite 4×4"):
+        load_index(tmp_path)

@@ -52,7 +52,8 @@ def _occ3d(a) -> int:
     from occ_mfd.data.occ3d_import import build_occ3d_index
     src = NuScenesSource(a.dataroot, a.version)
     names = a.scenes or src.scene_names()
-    frames = {n: [(kf.token, kf.timestamp, kf.ego2global) for kf in src.scene(n).keyframes] for n in names}
+    frames = {n: [(kf.token, kf.timestamp, kf.ego2global, kf.lidar.sensor2ego) for kf in src.scene(n).keyframes]
+              for n in names}
     idx, rep = build_occ3d_index(a.occ3d_root, frames, {n: src.splits.get(n, "unknown") for n in names},
                                  {"dataroot": a.dataroot, "version": a.version})
     out = Path(a.out or a.occ3d_root)

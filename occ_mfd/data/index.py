@@ -4,9 +4,12 @@ Layout (extra keys are allowed anywhere and kept in ``extra``)::
 
     {"grid": GridSpec.to_dict(), "classes": [...18 names...], "free_id": 17, "source": {...},
      "scenes": [{"name": str, "split": str,
-                 "frames": [{"token": str, "timestamp": int (µs), "ego2global": 4×4 list}, ...]}]}
+                 "frames": [{"token": str, "timestamp": int (µs), "ego2global": 4×4 list,
+                             "lidar2ego": 4×4 list (optional)}, ...]}]}
 
-Frames are in time order (strictly increasing timestamps).
+Frames are in time order (strictly increasing timestamps). ``lidar2ego`` (the LIDAR_TOP calibration of the
+keyframe's point cloud) is written by ``prepare`` and the Occ3D import; indexes written before it existed lack
+it, and only what needs LiDAR-frame trajectories (the released OccFM's condition) asks for it.
 """
 from __future__ import annotations
 
@@ -31,6 +34,12 @@ class FrameEntry:
     timestamp: int
     ego2global: np.ndarray
     extra: dict = field(default_factory=dict)
+
+    @property
+    def lidar2ego(self) -> np.ndarray | None:
+        """(4, 4) float64 LIDAR_TOP → ego calibration of this keyframe, or None when the index lacks it."""
+        m = self.extra.get("lidar2ego")
+        return None if m is None else np.asarray(m, dtype=np.float64)
 
     @property
     def has_labels(self) -> bool:
@@ -125,6 +134,11 @@ class DatasetIndex:
                 if pose.shape != (4, 4) or not np.all(np.isfinite(pose)):
                     raise ValueError(f"{where}: {fctx}: 'ego2global' must be a finite 4×4 matrix, "
                                      f"got shape {pose.shape}")
+                if "lidar2ego" in f:
+                    calib = np.asarray(f["lidar2ego"], dtype=np.float64)
+                    if calib.shape != (4, 4) or not np.all(np.isfinite(calib)):
+                        raise ValueError(f"{where}: {fctx}: 'lidar2ego' must be a finite 4×4 matrix, "
+                                         f"got shape {calib.shape}")
                 fextra = {k: v for k, v in f.items() if k not in ("token", "timestamp", "ego2global")}
                 frames.append(FrameEntry(str(need(f, "token", fctx)), ts, pose, fextra))
             sextra = {k: v for k, v in s.items() if k not in ("name", "split", "frames")}

@@ -77,7 +77,8 @@ def build_occ3d_index(occ3d_root: str | os.PathLike,
 
     Args:
         occ3d_root: folder holding ``gts/``.
-        frames_by_scene: {scene_name: [(sample_token, timestamp_us, ego2global (4, 4)), ...]} in time order.
+        frames_by_scene: {scene_name: [(sample_token, timestamp_us, ego2global (4, 4)[, lidar2ego (4, 4)]), ...]}
+            in time order (lidar2ego, when given, is recorded in the index: LiDAR-frame trajectories need it).
         splits: {scene_name: split name}; every scene of ``frames_by_scene`` must have one.
         source: recorded as the index's ``source`` (``type: occ3d`` and the root are added).
         grid: the grid the files must match (Occ3D: 200×200×16).
@@ -99,9 +100,9 @@ def build_occ3d_index(occ3d_root: str | os.PathLike,
     scenes = []
     for name, frames in frames_by_scene.items():
         entries, n_valid = [], 0
-        for token, ts, pose in frames:
+        for token, ts, pose, *calib in frames:
             path = labels_path(root, name, token)
-            extra = {}
+            extra = {"lidar2ego": np.asarray(calib[0], dtype=np.float64).tolist()} if calib else {}
             if not path.is_file():
                 report.missing.append((name, token))
                 extra[HAS_LABELS] = False

@@ -89,7 +89,9 @@ def _clean_tmp(scene_dir: Path) -> None:
 
 def scene_entry(scene: SceneRecord) -> SceneEntry:
     return SceneEntry(scene.name, scene.split,
-                      [FrameEntry(kf.token, kf.timestamp, kf.ego2global) for kf in scene.keyframes])
+                      [FrameEntry(kf.token, kf.timestamp, kf.ego2global,
+                                  {"lidar2ego": np.asarray(kf.lidar.sensor2ego, dtype=np.float64).tolist()})
+                       for kf in scene.keyframes])
 
 
 def prepare_scene(src: NuScenesSource, name: str, out: Path, cfg: PrepareConfig, skip_bad: bool = False,

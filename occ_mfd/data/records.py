@@ -25,6 +25,9 @@ class OccSequence:
         mask_future: (F, X, Y, Z) bool visibility mask of the future ground truth, or None (all visible).
         scene: scene name; tokens: the P+F sample tokens in time order.
         grid: the voxel grid of ``past`` / ``future`` (None where unknown), for ego-motion warps.
+        lidar_traj: (P+F, 2) float32, each frame's LiDAR-origin displacement (m) to the next keyframe in that
+            frame's LiDAR frame (:func:`occ_mfd.data.sequences.lidar_displacements`), or None where unknown:
+            the trajectory condition of the released OccFM.
     """
 
     past: np.ndarray
@@ -34,6 +37,7 @@ class OccSequence:
     scene: str = ""
     tokens: list[str] = field(default_factory=list)
     grid: GridSpec | None = None
+    lidar_traj: np.ndarray | None = None
 
 
 @dataclass
@@ -44,6 +48,7 @@ class OccBatch:
         past: (B, P, X, Y, Z) int64.  future: (B, F, X, Y, Z) int64.
         ego: (B, P+F, 4, 4) float32.  mask_future: (B, F, X, Y, Z) bool or None.
         scenes, tokens: per-sample metadata.  grid: the voxel grid (None where unknown).
+        lidar_traj: (B, P+F, 2) float32 or None (see :class:`OccSequence`).
     """
 
     past: torch.Tensor
@@ -53,6 +58,7 @@ class OccBatch:
     scenes: list[str] = field(default_factory=list)
     tokens: list[list[str]] = field(default_factory=list)
     grid: GridSpec | None = None
+    lidar_traj: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -85,4 +91,5 @@ def collate_sequences(items: list[OccSequence]) -> OccBatch:
         scenes=[it.scene for it in items],
         tokens=[list(it.tokens) for it in items],
         grid=items[0].grid if all(it.grid == items[0].grid for it in items) else None,
+        lidar_traj=stack("lidar_traj", torch.float32),
     )

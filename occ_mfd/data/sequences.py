@@ -29,6 +29,22 @@ def relative_poses(ego2global: np.ndarray, current: int) -> np.ndarray:
     return (np.linalg.inv(e[current])[None] @ e).astype(np.float32)
 
 
+def lidar_displacements(ego2global: np.ndarray, lidar2ego: np.ndarray) -> np.ndarray:
+    """(N, 4, 4) ego→global poses and (N, 4, 4) LiDAR→ego calibrations of N consecutive keyframes → (N-1, 2)
+    float32: row k = (dx, dy) in metres of the LiDAR origin from keyframe k to k+1, in keyframe k's LiDAR frame
+    (nuScenes LIDAR_TOP: x right, y forward), i.e. the translation of ``inv(E_k L_k) · E_{k+1} L_{k+1}``.
+
+    This is the ego-trajectory convention of VAD's nuScenes converter that the released OccFM was trained on
+    (``gt_ego_fut_trajs[0]`` per frame; PORT.md §3): the LiDAR frame, not the ego frame, and a step to the next
+    keyframe, not a pose in the current frame.
+    """
+    e = np.asarray(ego2global, dtype=np.float64) @ np.asarray(lidar2ego, dtype=np.float64)   # (N, 4, 4) lidar→global
+    if len(e) < 2:
+        return np.zeros((0, 2), dtype=np.float32)
+    step = np.linalg.inv(e[:-1]) @ e[1:]                                                       # (N-1, 4, 4)
+    return step[:, :2, 3].astype(np.float32)
+
+
 class OccSequenceDataset(Dataset):
     """Torch dataset of :class:`OccSequence` windows.
 
@@ -45,7 +61,9 @@ class OccSequenceDataset(Dataset):
             pooled dataset is ~25 MB. Per dataset instance (each DataLoader worker holds its own).
 
     Item: OccSequence with past (P, X, Y, Z) uint8, future (F, X, Y, Z) uint8, ego (P+F, 4, 4) float32,
-    mask_future (F, X, Y, Z) bool or None, scene, tokens (P+F).
+    mask_future (F, X, Y, Z) bool or None, scene, tokens (P+F), and lidar_traj (P+F, 2) float32 (each frame's
+    LiDAR displacement to the next keyframe, :func:`lidar_displacements`; zero after a scene's last keyframe)
+    when the index records every frame's ``lidar2ego``, else None.
     """
 
     def __init__(self, root: str | os.PathLike, split: str | None = "train", past: int = 4, future: int = 6,
@@ -117,4 +135,18 @@ class OccSequenceDataset(Dataset):
             fut = [m for _, m in loaded[self.past:]]
             mask_future = np.stack(fut) if fut else np.zeros((0, *self.grid.shape), dtype=bool)
         return OccSequence(past=sem[:self.past], future=sem[self.past:], ego=ego, mask_future=mask_future,
-                           scene=scene.name, tokens=tokens, grid=self.grid)
+                           scene=scene.name, tokens=tokens, grid=self.grid,
+                           lidar_traj=self._lidar_traj(scene.frames, start, len(frames)))
+
+    @staticmethod
+    def _lidar_traj(frames: list, start: int, length: int) -> np.ndarray | None:
+        """(length, 2) LiDAR displacements of frames[start:start+length] to their next keyframe (the frame after
+        the window included; zero after the scene's last keyframe), or None without lidar2ego in the index."""
+        span = frames[start:start + length + 1]
+        calib = [f.lidar2ego for f in span]
+        if any(c is None for c in calib):
+            return None
+        out = np.zeros((length, 2), dtype=np.float32)
+        d = lidar_displacements(np.stack([f.ego2global for f in span]), np.stack(calib))   # (len(span)-1, 2)
+        out[:len(d)] = d
+        return out

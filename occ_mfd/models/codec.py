@@ -93,8 +93,10 @@ class LatentCodec(nn.Module):
         warped to each future frame (the net's ``prior``: see :class:`~occ_mfd.models.forecaster.OccForecaster`).
         """
         prior_latents = None if prior is None else self.prior_latents(batch, prior)
+        lidar_traj = getattr(batch, "lidar_traj", None)
         return ForecastCond(past_latents=self.encode_part(batch, "past"), ego=batch.ego.float(),
-                            prior_latents=prior_latents)
+                            prior_latents=prior_latents,
+                            lidar_traj=None if lidar_traj is None else lidar_traj.float())
 
     @torch.no_grad()
     def decode_logits(self, latents: torch.Tensor) -> torch.Tensor:

@@ -50,11 +50,15 @@ class ForecastCond:
     ego: (B, P+F, 4, 4) pose of each frame's ego in the current frame (``ego[:, P-1]`` = identity).
     prior_latents: (B, F, C, H, W) scaled latents of the ego-motion prior (the current frame warped to each
         future frame, :func:`occ_mfd.ego_motion.prior_frames`), or None; required by a net with ``prior``.
+    lidar_traj: (B, P+F, 2) per frame, the (dx, dy) in metres of the LiDAR origin from that keyframe to the next, in
+        that keyframe's LiDAR frame (upstream OccFM / VAD convention), zero where there is no next keyframe; or None.
+        Only the released OccFM's flow net reads it (:mod:`occ_mfd.models.occfm_official.adapter`).
     """
 
     past_latents: torch.Tensor
     ego: torch.Tensor
     prior_latents: torch.Tensor | None = None
+    lidar_traj: torch.Tensor | None = None
 
 
 def ego_trajectory(ego: torch.Tensor, xy_scale: float = 0.02) -> torch.Tensor:
