@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from occ_mfd.builder import build
 from occ_mfd.flow.path import LinearPath
 from occ_mfd.flow.time_sampling import LogitNormalTime
 from occ_mfd.models.codec import LatentCodec, LatentPrepare
@@ -98,7 +99,10 @@ class OccFlowTeacher(FlowMatchingObjective):
     """OccFM teacher objective: latent flow matching over a frozen occupancy VAE.
 
     Args:
-        net: OccForecaster keyword arguments *without* ``latent_channels`` (taken from the VAE).
+        net: OccForecaster keyword arguments *without* ``latent_channels`` (taken from the VAE); or, with a
+            ``type`` key, a spec of another forecaster with the same contract (``forward(x_t, t, cond, drop_cond)``,
+            attributes ``latent_channels``, ``prior``, ``residual``), e.g. the released OccFM's flow net
+            (:class:`~occ_mfd.models.occfm_official.adapter.OccFmForecaster`).
         vae_snapshot / vae: the frozen VAE: the VAE stage's snapshot (file or work dir), or (in stored
             configs) its description.
         latent_scale: latents are multiplied by this before flow matching (OccFM: 10).
@@ -117,7 +121,13 @@ class OccFlowTeacher(FlowMatchingObjective):
         vae_model = vae_snap.build("vae")
         if "latent_channels" in net:
             raise ValueError("objective.net must not set latent_channels: it is the VAE's")
-        forecaster = OccForecaster(latent_channels=vae_model.latent_channels, **net)
+        if "type" in net:   # another architecture behind the forecaster contract (e.g. models/occfm_official)
+            forecaster = build(net)
+            if forecaster.latent_channels != vae_model.latent_channels:
+                raise ValueError(f"objective.net ({net['type']}) takes {forecaster.latent_channels} latent "
+                                 f"channels, the VAE gives {vae_model.latent_channels}")
+        else:
+            forecaster = OccForecaster(latent_channels=vae_model.latent_channels, **net)
         super().__init__(forecaster, LatentPrepare(LatentCodec(vae_model, scale=latent_scale, cache_mb=latent_cache_mb),
                                                      forecaster.prior, forecaster.residual),
                          time_sampler=LogitNormalTime(time_mean, time_std), cond_drop_prob=cond_drop_prob)
