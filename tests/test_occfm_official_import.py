@@ -13,6 +13,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,3 +205,116 @@ def test_a_file_without_ema_falls_back_to_raw_and_says_so(tmp_path):
     w = read_upstream_checkpoint(path, "ema")
     assert w.used == "raw" and "no ema_model copy" in w.note and not w.flow and len(w.vae) == 403
     assert torch.equal(w.vae["embedding.class_embeds.weight"], raw["embedding.class_embeds.weight"])
+
+
+# ------------------------------------------------------------------ reduced size: verify, evaluate, distil
+WORLD = GOLDENS / "occfm_world_reduced.yaml"
+
+
+def reduced_world_checkpoint(path: Path, perturb: str | None = None) -> Path:
+    """A fake upstream world-model file of occfm_world_reduced.yaml with key-derived weights (the goldens' weights:
+    its flow net is the one of occfm_flow_hist_golden.npz); ``perturb``: a flow-net key to shift by 0.1."""
+    from occ_mfd.models.occfm_official.adapter import OccFmForecaster
+    from occ_mfd.models.occfm_official.key_init import fill_from_keys
+    from occ_mfd.models.occfm_official.vae import OccFmVAE
+
+    cfg = load_upstream_yaml(WORLD)
+    vae, net = fill_from_keys(OccFmVAE.from_upstream_config(cfg)), OccFmForecaster.from_upstream_config(cfg)
+    fill_from_keys(net.net)                  # keys without the adapter's "net." prefix, as upstream names them
+    state = {**vae.state_dict(), **{"transition_model." + k: v for k, v in net.net.state_dict().items()}}
+    if perturb:
+        state["transition_model." + perturb] = state["transition_model." + perturb] + 0.1
+    return upstream_file(state, state, path)
+
+
+@pytest.fixture(scope="module")
+def imported_world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("world")
+    out = tmp / "imported"
+    rc = import_tool().main(["--ckpt", str(reduced_world_checkpoint(tmp / "wm.ckpt")), "--config", str(WORLD),
+                             "--out", str(out), "--verify", str(GOLDENS / "occfm_flow_hist_golden.npz")])
+    assert rc == 0
+    return tmp, out
+
+
+def test_verify_against_the_upstream_goldens_passes_and_a_wrong_weight_fails(imported_world, tmp_path, capsys):
+    tmp, out = imported_world
+    assert (out / "teacher.pt").is_file() and (out / "vae.pt").is_file()
+    bad = reduced_world_checkpoint(tmp_path / "bad.ckpt", perturb="final_conv.1.weight")
+    dest = tmp_path / "out"
+    capsys.readouterr()
+    assert import_tool().main(["--ckpt", str(bad), "--config", str(WORLD), "--out", str(dest),
+                               "--verify", str(GOLDENS / "occfm_flow_hist_golden.npz")]) == 1
+    text = capsys.readouterr()
+    assert "v       max |Δ|" in text.out and "FAILED" in text.out and "nothing written" in text.err
+    assert not dest.exists()
+
+
+def test_vae_only_import_verifies_against_the_vae_golden(tmp_path, capsys):
+    from occ_mfd.models.occfm_official.key_init import fill_from_keys
+    from occ_mfd.models.occfm_official.vae import OccFmVAE
+
+    yml = GOLDENS / "occfm_vae_reduced.yaml"
+    vae = fill_from_keys(OccFmVAE.from_upstream_config(load_upstream_yaml(yml)))
+    ckpt = upstream_file(vae.state_dict(), None, tmp_path / "vae.ckpt")
+    assert import_tool().main(["--ckpt", str(ckpt), "--config", str(yml), "--out", str(tmp_path / "o"),
+                               "--verify", str(GOLDENS / "occfm_vae_golden.npz")]) == 0
+    printed = capsys.readouterr().out
+    errs = {line.split()[2]: float(line.split("=")[1].split()[0]) for line in printed.splitlines() if "max |Δ|" in line}
+    assert set(errs) == {"mu", "logvar", "logits"} and max(errs.values()) < 1e-5
+    assert (tmp_path / "o/vae.pt").is_file() and not (tmp_path / "o/teacher.pt").exists()
+
+
+def _lidar_dataset(root: Path, grid, n_frames: int = 11) -> Path:
+    """One val scene on ``grid`` with moving poses and a LIDAR_TOP calibration (the imported net needs it)."""
+    from occ_mfd.data.index import DatasetIndex, FrameEntry, SceneEntry, save_index
+    from occ_mfd.data.occ3d import OccFrame, labels_path, write_labels
+
+    calib = [[0, 1, 0, 0.94], [-1, 0, 0, 0.0], [0, 0, 1, 1.84], [0, 0, 0, 1]]
+    frames = []
+    for k in range(n_frames):
+        rng = np.random.default_rng(k)
+        sem = np.where(rng.random(grid.shape) < 0.7, 17, rng.integers(0, 17, grid.shape)).astype(np.uint8)
+        write_labels(labels_path(root, "s0", f"t{k}"), OccFrame(sem, np.ones_like(sem), np.ones_like(sem)), grid)
+        pose = np.eye(4)
+        pose[0, 3] = 1.5 * k
+        frames.append(FrameEntry(f"t{k}", 1_000_000 + 500_000 * k, pose, {"lidar2ego": calib}))
+    save_index(root, DatasetIndex(grid, [SceneEntry("s0", "val", frames)], {"type": "test"}))
+    return root
+
+
+def test_imported_teacher_evaluates_and_distils(imported_world):
+    import subprocess
+    import sys
+
+    from occ_mfd.data.records import collate_sequences
+    from occ_mfd.data.sequences import OccSequenceDataset
+    from occ_mfd.grid import GridSpec
+    from occ_mfd.objectives.mfd import OccMeanFlowDistillation
+
+    tmp, out = imported_world
+    grid = GridSpec((-8.0, -8.0, -1.0), (8.0, 8.0, 5.4), 0.4)
+    data = _lidar_dataset(tmp / "data", grid)
+    res = tmp / "r.json"
+    r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools/eval.py"), "--threads", "1",
+                        "--data", str(data), "--model", f"{out / 'teacher.pt'}:steps=2", "--out", str(res)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(res.read_text())["rows"][0]
+    assert row["name"] == "teacher" and (row["steps"], row["nfe"]) == (2, 2)
+    assert all(0.0 <= v <= 100.0 for v in row["iou"].values())
+    # MFD starts from the imported teacher: the one-step student is the teacher's Euler jump at initialisation,
+    # and one aux and one student update run on the OccFM trajectory condition.
+    obj = OccMeanFlowDistillation(teacher_snapshot=str(out / "teacher.pt"), max_substep=0.5)
+    batch = collate_sequences([OccSequenceDataset(data, "val", mask=None)[0]])
+    x1, cond = obj.prepare(batch)
+    assert cond.lidar_traj.shape == (1, 10, 2) and abs(float(cond.lidar_traj[0, 0, 1]) - 1.5) < 1e-5
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(obj.generate(x0, cond), x0 + obj.teacher(x0, torch.zeros(1), cond), atol=1e-5)
+    for phase in ("aux", "student"):
+        loss = obj(batch, phase).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+    grads = [p.grad for p in obj.student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from occ_mfd.atomic import atomic_write
-from occ_mfd.grid import OCC3D_GRID
+from occ_mfd.grid import GridSpec
 from occ_mfd.models.occfm_official.adapter import OccFmForecaster
 from occ_mfd.models.occfm_official.upstream_config import (
     UpstreamConfigError,
@@ -138,6 +138,20 @@ def check_state(module: nn.Module, state: dict[str, torch.Tensor], what: str, wh
                                  f"({len(extra)} such keys); is the YAML the one this checkpoint was trained with?")
 
 
+def grid_of(vae: OccFmVAE, config: str | Path) -> GridSpec:
+    """The voxel grid of the VAE's config (``OCC_RANGE``, ``VOXEL_SIZE``), checked against its input size."""
+    emb = vae.init_kwargs["embedding"]
+    rng, vox = emb.get("occ_range"), emb.get("voxel_size")
+    if rng is None or vox is None:
+        raise UpstreamConfigError(f"{config}: the VAE's EMBEDDING lacks OCC_RANGE or VOXEL_SIZE")
+    grid = GridSpec(tuple(float(v) for v in rng[:3]), tuple(float(v) for v in rng[3:]), float(vox[0]))
+    side = vae.encoder.img_size
+    if tuple(grid.shape) != (side, side, vae.grid_z):
+        raise UpstreamConfigError(f"{config}: OCC_RANGE {rng} at VOXEL_SIZE {vox} is a {grid.shape} grid, but the "
+                                  f"VAE takes ({side}, {side}, {vae.grid_z}) (IMG_SIZE, HEIGHT_NUM)")
+    return grid
+
+
 @dataclass
 class ImportedOccFm:
     """The built modules with the checkpoint's weights, and what a report needs."""
@@ -148,6 +162,7 @@ class ImportedOccFm:
     sampler: SamplerSettings
     latent_scale: float
     weights: UpstreamWeights
+    grid: GridSpec
 
 
 def import_occfm(ckpt: str | Path, config: str | Path, weights: str = "ema",
@@ -176,6 +191,10 @@ def import_occfm(ckpt: str | Path, config: str | Path, weights: str = "ema",
             raise CheckpointMismatch(f"{where}: holds no flow-net weights (transition_model.) but {config} is a "
                                      f"world-model config; give the world-model checkpoint")
         net = OccFmForecaster(net=kwargs)
+        latent = (vae.latent_channels, vae.decoder.patched_size)
+        if (net.latent_channels, net.net.input_size[0]) != latent:
+            raise UpstreamConfigError(f"{config}: the flow net takes {net.latent_channels}×{net.net.input_size} "
+                                      f"latents but the VAE makes {latent[0]}×{[latent[1]] * 2}")
         check_state(net.net, w.flow, f"flow net ({variant})", where)
         net.net.load_state_dict(w.flow, strict=True)
     elif w.flow:
@@ -186,14 +205,14 @@ def import_occfm(ckpt: str | Path, config: str | Path, weights: str = "ema",
     sampler = SamplerSettings(int(loss.get("sample_step", 10)), float(loss.get("alpha_step", 3.0)),
                               float(loss.get("uncond_scale", 2.0)))
     return ImportedOccFm(vae.eval(), None if net is None else net.eval(), variant, sampler,
-                         float(loss.get("rescale_factor", 10.0)), w)
+                         float(loss.get("rescale_factor", 10.0)), w, grid_of(vae, config))
 
 
 def write_snapshots(imp: ImportedOccFm, out_dir: str | Path, provenance: str) -> list[Path]:
     """``out_dir/vae.pt`` (kind "vae") and, for a world model, ``out_dir/teacher.pt`` (kind "teacher": the
     upstream sampler, 10 Euler steps, shift α = 3, CFG 2), each written atomically; plus ``import.json``."""
     out_dir = Path(out_dir)
-    grid = OCC3D_GRID.to_dict()
+    grid = imp.grid.to_dict()
     data = {"pool": 1, "past": 4, "future": 6}
     step = imp.weights.epoch or 0
     common = dict(grid=grid, data=data, step=step, config=provenance, git_rev="upstream OccFM")
