@@ -318,3 +318,12 @@ def test_imported_teacher_evaluates_and_distils(imported_world):
         loss.backward()
     grads = [p.grad for p in obj.student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    # bench rebuilds the teacher's training stage from the config the import stored in the snapshot
+    bench = tmp / "bench.json"
+    r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools/bench.py"), "--teacher",
+                        str(out / "teacher.pt"), "--data", str(data), "--steps", "1", "--runs", "1", "--warmup", "0",
+                        "--threads", "1", "--train-runs", "1", "--train-warmup", "0", "--out", str(bench)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    b = json.loads(bench.read_text())
+    assert b["training_steps_ms"]["teacher_fm"]["nfe"] == 1

@@ -160,7 +160,8 @@ def training_objective(snapshot_path, device):
 def training_steps(args, batch, device) -> dict:
     big = OccBatch(past=batch.past.repeat(args.train_batch_size, 1, 1, 1, 1),
                    future=batch.future.repeat(args.train_batch_size, 1, 1, 1, 1),
-                   ego=batch.ego.repeat(args.train_batch_size, 1, 1, 1), grid=batch.grid)
+                   ego=batch.ego.repeat(args.train_batch_size, 1, 1, 1), grid=batch.grid,
+                   lidar_traj=None if batch.lidar_traj is None else batch.lidar_traj.repeat(args.train_batch_size, 1, 1))
     kw = dict(runs=args.train_runs, warmup=args.train_warmup, device=device)
     out = {"batch_size": args.train_batch_size}
     teacher = training_objective(args.teacher, device)

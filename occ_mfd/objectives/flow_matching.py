@@ -15,7 +15,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from occ_mfd.builder import build
 from occ_mfd.flow.path import LinearPath
 from occ_mfd.flow.time_sampling import LogitNormalTime
 from occ_mfd.models.codec import LatentCodec, LatentPrepare
@@ -99,9 +98,10 @@ class OccFlowTeacher(FlowMatchingObjective):
     """OccFM teacher objective: latent flow matching over a frozen occupancy VAE.
 
     Args:
-        net: OccForecaster keyword arguments *without* ``latent_channels`` (taken from the VAE); or, with a
-            ``type`` key, a spec of another forecaster with the same contract (``forward(x_t, t, cond, drop_cond)``,
-            attributes ``latent_channels``, ``prior``, ``residual``), e.g. the released OccFM's flow net
+        net: OccForecaster keyword arguments *without* ``latent_channels`` (taken from the VAE); or (a config
+            spec with a ``type`` key, which the config builder builds first) another forecaster with the same
+            contract (``forward(x_t, t, cond, drop_cond)``, attributes ``latent_channels``, ``prior``,
+            ``residual``), e.g. the released OccFM's flow net
             (:class:`~occ_mfd.models.occfm_official.adapter.OccFmForecaster`).
         vae_snapshot / vae: the frozen VAE: the VAE stage's snapshot (file or work dir), or (in stored
             configs) its description.
@@ -113,19 +113,19 @@ class OccFlowTeacher(FlowMatchingObjective):
             per frame instead of every step; :class:`~occ_mfd.models.latent_cache.LatentCache`).
     """
 
-    def __init__(self, net: dict, vae_snapshot: str | None = None, vae: dict | None = None,
+    def __init__(self, net: dict | nn.Module, vae_snapshot: str | None = None, vae: dict | None = None,
                  latent_scale: float = 10.0, cond_drop_prob: float = 0.2, time_mean: float = 0.0,
                  time_std: float = 1.0, steps: int = OCCFM_SAMPLER.steps, shift: float = OCCFM_SAMPLER.shift,
                  cfg_scale: float = OCCFM_SAMPLER.cfg_scale, latent_cache_mb: float = 0.0):
         vae_snap, vae_desc = snapshot_or_description(vae_snapshot, vae, "vae", kinds=("vae",))
         vae_model = vae_snap.build("vae")
-        if "latent_channels" in net:
-            raise ValueError("objective.net must not set latent_channels: it is the VAE's")
-        if "type" in net:   # another architecture behind the forecaster contract (e.g. models/occfm_official)
-            forecaster = build(net)
+        if isinstance(net, nn.Module):   # another architecture behind the forecaster contract (built from its spec)
+            forecaster = net
             if forecaster.latent_channels != vae_model.latent_channels:
-                raise ValueError(f"objective.net ({net['type']}) takes {forecaster.latent_channels} latent "
+                raise ValueError(f"objective.net ({type(net).__name__}) takes {forecaster.latent_channels} latent "
                                  f"channels, the VAE gives {vae_model.latent_channels}")
+        elif "latent_channels" in net:
+            raise ValueError("objective.net must not set latent_channels: it is the VAE's")
         else:
             forecaster = OccForecaster(latent_channels=vae_model.latent_channels, **net)
         super().__init__(forecaster, LatentPrepare(LatentCodec(vae_model, scale=latent_scale, cache_mb=latent_cache_mb),

@@ -208,6 +208,29 @@ def import_occfm(ckpt: str | Path, config: str | Path, weights: str = "ema",
                          float(loss.get("rescale_factor", 10.0)), w, grid_of(vae, config))
 
 
+def stage_config(imp: ImportedOccFm, provenance: str, vae_description: dict | None) -> str:
+    """The config text a snapshot stores: the occ-mfd stage that trains this architecture (what ``tools/bench.py``
+    rebuilds to time training steps), as in ``configs/occfm_official/``, headed by where the weights came from.
+    ``vae_description``: None for the VAE snapshot; the VAE snapshot's description for the teacher."""
+    data = dict(type="occ_mfd.data.sequences.OccSequenceDataset", root="data/occ3d", split="train", past=4,
+                future=6, pool=1, mask=None, stride=1)
+    if vae_description is None:
+        objective = dict(type="occ_mfd.objectives.vae.VAEObjective",
+                         vae={"type": f"{OccFmVAE.__module__}.{OccFmVAE.__qualname__}", **imp.vae.init_kwargs},
+                         loss=dict(type="occ_mfd.models.vae_loss.VAELoss", ce_weight=10.0, lovasz_weight=1.0))
+    else:
+        s = imp.sampler
+        objective = dict(type="occ_mfd.objectives.flow_matching.OccFlowTeacher", vae=vae_description,
+                         net={"type": f"{OccFmForecaster.__module__}.{OccFmForecaster.__qualname__}",
+                              **imp.net.init_kwargs},
+                         latent_scale=imp.latent_scale, cond_drop_prob=0.2, steps=s.steps, shift=s.shift,
+                         cfg_scale=s.cfg_scale)
+    lines = [f"# {line}" for line in provenance.splitlines()]
+    lines += ["# The stage below trains this architecture (configs/occfm_official/); the weights are the import's.",
+              f"data = {data!r}", f"objective = {objective!r}"]
+    return "\n".join(lines) + "\n"
+
+
 def write_snapshots(imp: ImportedOccFm, out_dir: str | Path, provenance: str) -> list[Path]:
     """``out_dir/vae.pt`` (kind "vae") and, for a world model, ``out_dir/teacher.pt`` (kind "teacher": the
     upstream sampler, 10 Euler steps, shift α = 3, CFG 2), each written atomically; plus ``import.json``."""
@@ -215,17 +238,19 @@ def write_snapshots(imp: ImportedOccFm, out_dir: str | Path, provenance: str) ->
     grid = imp.grid.to_dict()
     data = {"pool": 1, "past": 4, "future": 6}
     step = imp.weights.epoch or 0
-    common = dict(grid=grid, data=data, step=step, config=provenance, git_rev="upstream OccFM")
     vae_state = {k: v.detach().cpu() for k, v in imp.vae.state_dict().items()}
     vae_spec = {"class": f"{OccFmVAE.__module__}.{OccFmVAE.__qualname__}", "kwargs": imp.vae.init_kwargs}
-    snaps = {"vae.pt": Snapshot(kind="vae", networks={"vae": vae_spec}, weights={"vae": vae_state}, **common)}
+    vae_snap = Snapshot(kind="vae", networks={"vae": vae_spec}, weights={"vae": vae_state}, grid=grid, data=data,
+                        step=step, config=stage_config(imp, provenance, None), git_rev="upstream OccFM")
+    snaps = {"vae.pt": vae_snap}
     if imp.net is not None:
         net_spec = {"class": f"{OccFmForecaster.__module__}.{OccFmForecaster.__qualname__}",
                     "kwargs": imp.net.init_kwargs}
         snaps["teacher.pt"] = Snapshot(
             kind="teacher", networks={"vae": vae_spec, "net": net_spec},
             weights={"vae": vae_state, "net": {k: v.detach().cpu() for k, v in imp.net.state_dict().items()}},
-            latent_scale=imp.latent_scale, sampler=imp.sampler, **common)
+            latent_scale=imp.latent_scale, sampler=imp.sampler, grid=grid, data=data, step=step,
+            config=stage_config(imp, provenance, vae_snap.describe()), git_rev="upstream OccFM")
     written = [save_snapshot(s, out_dir / name) for name, s in snaps.items()]
     report = {"variant": imp.variant, "weights": imp.weights.used, "note": imp.weights.note,
               "int_buffer_diffs_ema_vs_raw": imp.weights.int_buffer_diffs, "epoch": imp.weights.epoch,
