@@ -3,6 +3,7 @@
 
     python benchmarks/occfm_import.py [--threads 1] [--repeats 3] [--out occfm_import.json]
 
+Reports our modules' largest error against the committed goldens (outputs of the upstream code at reduced width).
 Builds a fake upstream world-model checkpoint with the release's keys and shapes
 (``tests/goldens/occfm_state_dict_keys.tsv``; random values, an EMA copy, optimiser state) in a temp folder, imports
 it with ``tools/import_occfm.py`` in a child process (wall time and the child's peak resident memory), then times,
@@ -51,6 +52,23 @@ def full_yaml(root: Path) -> Path:
     return write(root, 6)
 
 
+def golden_errors() -> dict:
+    """Max |ours − upstream| per output on the committed goldens (reduced width, key-derived weights)."""
+    from occ_mfd.models.occfm_official.key_init import fill_from_keys
+    from occ_mfd.models.occfm_official.unet import OccFmFlowNet
+    from occ_mfd.models.occfm_official.upstream_config import load_upstream_yaml
+    from occ_mfd.models.occfm_official.vae import OccFmVAE
+    from occ_mfd.models.occfm_official.verify import load_reference, verify_reference
+
+    g = REPO / "tests/goldens"
+    vae = fill_from_keys(OccFmVAE.from_upstream_config(load_upstream_yaml(g / "occfm_vae_reduced.yaml")))
+    out = {"vae": verify_reference(load_reference(g / "occfm_vae_golden.npz"), vae=vae)}
+    for variant in ("hist", "fut"):
+        net = fill_from_keys(OccFmFlowNet.from_upstream_config(load_upstream_yaml(g / f"occfm_flow_{variant}_reduced.yaml")))
+        out[f"flow_{variant}"] = verify_reference(load_reference(g / f"occfm_flow_{variant}_golden.npz"), flow_net=net)
+    return {k: {n: float(f"{e:.2e}") for n, e in v.items()} for k, v in out.items()}
+
+
 def median_time(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -68,6 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the figures as JSON")
     args = p.parse_args(argv)
     res: dict = {"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__}
+    torch.set_num_threads(args.threads)
+    res["golden_max_abs_err"] = golden_errors()
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         res["fake_checkpoint_float_elements"] = fake_checkpoint(d / "wm.ckpt")
