@@ -327,3 +327,28 @@ def test_imported_teacher_evaluates_and_distils(imported_world):
     assert r.returncode == 0, r.stderr
     b = json.loads(bench.read_text())
     assert b["training_steps_ms"]["teacher_fm"]["nfe"] == 1
+
+
+# ------------------------------------------------------------------------------ configs/occfm_official
+@pytest.mark.parametrize("name,params", [("vae", 18_537_456), ("teacher_hist", 11_830_416),
+                                          ("teacher_fut", 11_854_992)])
+def test_official_configs_build_the_release_sizes(name, params):
+    from mmengine.config import Config
+
+    from occ_mfd.builder import build
+
+    cfg = Config.fromfile(str(Path(__file__).parents[1] / f"configs/occfm_official/{name}.py"))
+    spec = cfg.objective.vae if name == "vae" else cfg.objective.net
+    with torch.device("meta"):
+        module = build(spec.to_dict())
+    assert sum(p.numel() for p in module.parameters()) == params
+
+
+@pytest.mark.parametrize("name,teacher", [("mfd_hist", "hist/teacher.pt"), ("mfd_fut", "fut/teacher.pt")])
+def test_official_mfd_configs_point_at_the_imported_teacher(name, teacher):
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(Path(__file__).parents[1] / f"configs/occfm_official/{name}.py"))
+    assert cfg.objective.teacher_snapshot == f"work_dirs/occfm_official/{teacher}"
+    assert (cfg.data.past, cfg.data.future, cfg.data.pool) == (4, 6, 1)
+    assert cfg.objective.max_substep == 0.02 and cfg.optim.student.lr == 1e-4
