@@ -22,6 +22,17 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "[setup] apt-get install$need"
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
   fi
+  # Optional: a virtual X display, key presses and screenshots for the interactive-viewer test
+  # (tests/test_viewer_x11.py, which skips without them); a failed install is not fatal.
+  xneed=""
+  for p in xvfb xauth xdotool imagemagick; do
+    dpkg -s "$p" >/dev/null 2>&1 || xneed="$xneed $p"
+  done
+  if [ -n "$xneed" ]; then
+    echo "[setup] apt-get install$xneed (for the X viewer test)"
+    { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $xneed >/dev/null; } \
+      || echo "[setup] could not install$xneed; tests/test_viewer_x11.py will skip"
+  fi
 fi
 
 [ -x "$VENV/bin/python" ] || { echo "[setup] creating $VENV"; python3 -m venv "$VENV"; }

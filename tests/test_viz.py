@@ -215,16 +215,92 @@ def test_viewer_state():
     assert st.classes_present == [4]
     st.step(-1)
     assert st.t == 3
-    st.set_view(3)
+    assert st.set_view(3) is None                         # the prediction has t = 3: no jump
     assert st.view == "pred" and st.current() is not None
-    st.step(1)                                            # t = 0: history, nothing predicted yet
-    assert st.current() is None
+    st.step(1)                                            # wraps within the prediction's times: t = 2, not 0
+    assert st.t == 2 and st.status() == "pred t=+0.5s"
     st.cycle_class()
     assert st.class_filter == 4
     st.cycle_class()
     assert st.class_filter is None
     st.toggle_camera()
     assert st.camera == "bev"
+
+
+@pytest.mark.parametrize("P,F", [(1, 1), (2, 2), (4, 6)])
+def test_viewer_view_times_match_panels(P, F):
+    """times(view) is exactly where panel_grids has something, with and without a prediction."""
+    from occ_mfd.viz.render import VIEWS, panel_grids
+    for pred in (True, False):
+        st = ViewerState(_record(P=P, F=F, pred=pred))
+        for v in VIEWS:
+            want = [t for t in range(P + F) if panel_grids(st.rec, t, (v,))[v] is not None]
+            assert st.times(v) == want
+        assert st.times("gt") == list(range(P, P + F)) and st.times("past") == list(range(P + F))
+    with pytest.raises(ValueError, match="unknown view"):
+        st.times("side")
+
+
+def test_viewer_switching_to_an_empty_view_jumps_to_its_nearest_time():
+    """The bug seen under Xvfb: 2 (GT future) at a history frame showed an empty scene. Now every switch
+    lands on a time the view has: the first future frame t = P from any history frame, the same t in the
+    future; stepping then wraps within the future (closed form: P + (t - P + d) mod F)."""
+    P, F = 4, 3
+    for t0 in range(P + F):
+        for k, view in ((2, "gt"), (3, "pred"), (4, "error")):
+            st = ViewerState(_record(P=P, F=F))
+            st.t = t0
+            note = st.set_view(k)
+            assert st.view == view and st.t == max(t0, P) and st.current() is not None
+            if t0 < P:
+                assert note == f"{view}: nothing at t={(t0 - P + 1) * 0.5:+.1f}s (history); jumped to t=+0.5s"
+            else:
+                assert note is None
+            for d in (1, -1, 2, F + 1):
+                st.t = P + 1
+                st.step(d)
+                assert st.t == P + (1 + d) % F
+            assert st.set_view(1) is None and st.view == "past"          # the past has every time: no jump
+            st.step(F + P)                                                  # a whole turn: back where it was
+            assert st.t == P + (1 + F + 1) % F
+
+
+def test_viewer_without_prediction_keeps_the_view():
+    st = ViewerState(_record(P=2, F=2, pred=False))
+    st.set_view(2)
+    assert (st.view, st.t) == ("gt", 2)
+    for k, v in ((3, "pred"), (4, "error")):
+        note = st.set_view(k)
+        assert note == f"{v}: nothing to show, this record has no prediction (ground truth only); still on gt"
+        assert (st.view, st.t) == ("gt", 2)
+
+
+def test_viewer_titles_say_view_time_filter_and_camera():
+    st = ViewerState(_record(P=2, F=2))
+    src = "scene-x (copy-last)"
+    assert st.window_title() == f"past t=-0.5s | chase camera | {src} | occ-mfd viewer"
+    st.t = 3                                              # the past view in the future: the last observed frame
+    assert st.status() == "past t=+0.0s (last observed; now +1.0s)"
+    st.set_view(2)
+    st.cycle_class()
+    st.toggle_camera()
+    st.playing = True
+    assert st.window_title() == f"gt t=+1.0s [car] | playing | bev camera | {src} | occ-mfd viewer"
+    st.set_view(4)                                        # the error view has its own palette: no class filter
+    assert st.status() == "error t=+1.0s"
+    bare = ViewerState(ForecastRecord(st.rec.past, st.rec.future_gt, None, st.rec.ego, SMALL))
+    assert bare.window_title() == "past t=-0.5s | chase camera | occ-mfd viewer"
+
+
+def test_display_problem_one_line():
+    from occ_mfd.viz.x11 import display_problem
+    assert display_problem({}, "darwin") is None and display_problem({"WAYLAND_DISPLAY": "w"}, "linux") is None
+    msg = display_problem({}, "linux")
+    assert msg.startswith("no display") and "\n" not in msg
+    assert all(h in msg for h in ("--render out.gif", "xvfb-run -a", "ssh -X"))
+    msg = display_problem({"DISPLAY": ":99999"}, "linux")
+    if msg is not None:                                   # None only where libX11 cannot be loaded
+        assert msg.startswith("cannot open the X display DISPLAY=:99999: ")
 
 
 def test_viewer_key_callbacks_log_messages(caplog, tmp_path):
@@ -234,8 +310,8 @@ def test_viewer_key_callbacks_log_messages(caplog, tmp_path):
     keys = key_callbacks(st, drawn.append, shots.append, tmp_path)
     with caplog.at_level(logging.INFO, logger="occ_mfd.viz.viewer"):
         assert keys[KEY_RIGHT](None) is True              # t = 1: the current frame
-        keys[ord("3")](None)                              # prediction: none during the history
-        keys[KEY_RIGHT](None)                             # t = 2: first future frame
+        keys[ord("3")](None)                              # prediction: none during the history → first future frame
+        keys[KEY_RIGHT](None)                             # t = 3: the last future frame
         keys[ord("C")](None)                              # class filter: car
         assert keys[KEY_SPACE](None) is False and st.playing
         keys[KEY_SPACE](None)
@@ -244,10 +320,11 @@ def test_viewer_key_callbacks_log_messages(caplog, tmp_path):
         keys[ord("H")](None)
     msgs = [r.getMessage() for r in caplog.records if r.name == "occ_mfd.viz.viewer"]
     shot = tmp_path / "occ_view_000.png"
-    assert msgs[:8] == ["past t=+0.0s", "pred: nothing at t=+0.0s (history)", "pred t=+0.5s",
-                        "pred t=+0.5s [car]", "playing", "paused", f"saved {shot}", "pred t=+0.5s [car]"]
-    assert len(msgs) == 9 and msgs[8].startswith("Keys:") and "\nclasses: car=(" in msgs[8]
-    assert "\nerror view: correct=(" in msgs[8]
+    assert msgs[:9] == ["past t=+0.0s", "pred: nothing at t=+0.0s (history); jumped to t=+0.5s", "pred t=+0.5s",
+                        "pred t=+1.0s", "pred t=+1.0s [car]", "playing", "paused", f"saved {shot}",
+                        "pred t=+1.0s [car]"]
+    assert len(msgs) == 10 and msgs[9].startswith("Keys:") and "\nclasses: car=(" in msgs[9]
+    assert "\nerror view: correct=(" in msgs[9]
     assert drawn == [False, False, False, False, True] and shots == [shot] and st.camera == "bev"
 
 

@@ -4,6 +4,11 @@
   python visualize/view.py --data data/synthetic                       # first val sequence, window
   python visualize/view.py --data O --scene scene-0103 --token TOKEN   # window ending at TOKEN
   python visualize/view.py --forecast dumps/seq_000.npz --render out.gif --camera bev   # headless
+  xvfb-run -a python visualize/view.py --data data/synthetic           # window on a virtual display
+
+Keys: ←/→ step in time · space play/pause · 1–4 past / GT future / prediction / error · C cycle a class
+filter · B bird's-eye / chase camera · S save a screenshot (occ_view_NNN.png in the working directory) ·
+H print the help. The window title says which view and time are shown.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="prepared dataset root (index.json + gts/)")
     src.add_argument("--forecast", help="a forecast dump .npz from tools/eval.py --dump-forecasts")
-    p.add_argument("--model", help="inference snapshot to run on the chosen --data sequence: SNAPSHOT[:steps=N][,cfg=S]")
+    p.add_argument("--model",
+                   help="inference snapshot to run on the chosen --data sequence: SNAPSHOT[:steps=N][,cfg=S]")
     p.add_argument("--device", default="cpu", help="device for --model (e.g. cuda)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for --model")
     p.add_argument("--scene", help="scene name (default: the first scene of the split)")
@@ -36,7 +42,8 @@ def parse_args(argv=None):
                    help="headless renderer: Open3D offscreen, the bird's-eye fallback, or auto")
     p.add_argument("--views", default=None, help="comma-separated subset of past,gt,pred,error")
     p.add_argument("--fps", type=float, default=2.0)
-    p.add_argument("--size", default="480x360", help="panel size WxH in pixels")
+    p.add_argument("--size", default=None,
+                   help="WxH in pixels: each panel with --render (default 480x360), else the window (1280x800)")
     return p.parse_args(argv)
 
 
@@ -93,6 +100,17 @@ def run_model(model, seq, ds, args):
     return out.classes[0].cpu().numpy().astype("uint8"), f"{fc.name}@{fc.steps}"
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse "WxH" → (W, H), both positive."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError("expected WxH, e.g. 640x480") from None
+    if w <= 0 or h <= 0:
+        raise ValueError("width and height must be positive")
+    return w, h
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     log_to_stdout()       # the library's messages (viewer keys and help, renderer notices) as plain lines
@@ -107,6 +125,18 @@ def main(argv=None) -> int:
         print("error: --model needs --data (the sequence to forecast)", file=sys.stderr)
         return 2
     try:
+        size = parse_size(args.size or ("480x360" if args.render else "1280x800"))
+    except ValueError as e:
+        print(f"error: --size {args.size}: {e}", file=sys.stderr)
+        return 2
+    if not args.render:                   # before loading (a --model run can take a while): can a window open?
+        from occ_mfd.viz.x11 import display_problem
+
+        problem = display_problem()
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+    try:
         rec = load_record(args)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -118,7 +148,7 @@ def main(argv=None) -> int:
     if args.render:
         from occ_mfd.viz.render import make_renderer, render_sequence, save_animation
 
-        w, h = (int(v) for v in args.size.lower().split("x"))
+        w, h = size
         views = args.views.split(",") if args.views else None
         t0 = time.perf_counter()
         with make_renderer(args.backend, w, h) as r:
@@ -135,7 +165,7 @@ def main(argv=None) -> int:
     from occ_mfd.viz.viewer import run_viewer
 
     try:
-        run_viewer(rec)
+        run_viewer(rec, width=size[0], height=size[1])
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

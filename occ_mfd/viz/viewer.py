@@ -4,12 +4,17 @@ machine :class:`ViewerState` (what is shown; tested without a window).
 Keys: ←/→ step in time · space play/pause · 1–4 past / GT future / prediction / error · C cycle a class
 filter · B bird's-eye / chase camera · S save a screenshot · H print this help.
 
+Each view steps through the times it has (the ground truth, prediction and error only exist in the future);
+switching to a view with nothing at the current time jumps to the nearest time it has. The window title says
+which view, time, class filter and camera are shown (on X11; elsewhere the terminal lines do).
+
 Messages (what is shown, play/pause, saved screenshots, this help) go to the ``logging`` logger
 ``occ_mfd.viz.viewer`` at INFO; ``visualize/view.py`` prints them.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +27,7 @@ from occ_mfd.viz.forecast_io import ForecastRecord
 from occ_mfd.viz.geometry import (ERR_FREE, ERROR_NAMES, ERROR_PALETTE, camera_preset, cube_mesh, ego_box,
                                   exposed_faces, legend_entries, voxel_centers)
 from occ_mfd.viz.render import VIEWS, frame_time_s, panel_grids
+from occ_mfd.viz.x11 import NO_WINDOW_ADVICE, WindowTitle, display_problem
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,8 @@ PLAY_INTERVAL_S = 0.5
 @dataclass
 class ViewerState:
     """Time step, view, class filter and camera of the viewer. ``t`` runs over the P past and F future
-    frames; views without content at ``t`` (e.g. the prediction during the history) show nothing."""
+    frames (0 … P+F-1); a view is only shown at the times it has (:meth:`times`): stepping wraps around
+    within them, and switching to a view that has nothing at ``t`` jumps to the nearest time it has."""
 
     rec: ForecastRecord
     t: int = 0
@@ -53,12 +60,43 @@ class ViewerState:
     def num_steps(self) -> int:
         return self.rec.num_past + self.rec.num_future
 
-    def step(self, d: int) -> None:
-        self.t = (self.t + d) % self.num_steps
+    def times(self, view: str | None = None) -> list[int]:
+        """The time steps at which ``view`` (default: the current one) has something to draw, as
+        :func:`~occ_mfd.viz.render.panel_grids` says: all of them for "past" (during the future it holds the
+        last observed frame), the F future ones for "gt", and for "pred"/"error" too when the record has a
+        prediction (none without)."""
+        view = self.view if view is None else view
+        if view not in VIEWS:
+            raise ValueError(f"unknown view {view!r}: choose from {VIEWS}")
+        P, T = self.rec.num_past, self.num_steps
+        if view == "past":
+            return list(range(T))
+        if view == "gt" or self.rec.pred is not None:
+            return list(range(P, T))
+        return []
 
-    def set_view(self, k: int) -> None:
-        """k = 1..4 → past, gt, pred, error."""
-        self.view = VIEWS[k - 1]
+    def _seconds(self, t: int) -> str:
+        return f"{frame_time_s(t, self.rec.num_past):+.1f}s"
+
+    def step(self, d: int) -> None:
+        """Move ``d`` steps through the current view's times, wrapping around."""
+        ts = self.times()
+        i = ts.index(_nearest(ts, self.t))
+        self.t = ts[(i + d) % len(ts)]
+
+    def set_view(self, k: int) -> str | None:
+        """k = 1..4 → past, gt, pred, error. Returns a note when that view has nothing at the current time
+        (it then jumps to the nearest time it has) or nothing at all (the view stays as it was)."""
+        view = VIEWS[k - 1]
+        ts = self.times(view)
+        if not ts:
+            return f"{view}: nothing to show, this record has no prediction (ground truth only); still on {self.view}"
+        self.view = view
+        if self.t in ts:
+            return None
+        was, self.t = self.t, _nearest(ts, self.t)
+        when = "history" if was < self.rec.num_past else "future"
+        return f"{view}: nothing at t={self._seconds(was)} ({when}); jumped to t={self._seconds(self.t)}"
 
     def cycle_class(self) -> None:
         """All → each class present in turn → all."""
@@ -71,9 +109,12 @@ class ViewerState:
     def current(self):
         """(labels (X, Y, Z), palette, hide, classes, title) to draw now, or None when the view is empty."""
         pg = panel_grids(self.rec, self.t, (self.view,))[self.view]
-        title = f"{self.view} t={frame_time_s(self.t, self.rec.num_past):+.1f}s"
         if pg is None:
             return None
+        shown = min(self.t, self.rec.num_past - 1) if self.view == "past" else self.t
+        title = f"{self.view} t={self._seconds(shown)}"
+        if shown != self.t:
+            title += f" (last observed; now {self._seconds(self.t)})"
         grid, kind = pg
         if kind == "err":
             return grid, ERROR_PALETTE, (ERR_FREE,), None, title
@@ -85,13 +126,24 @@ class ViewerState:
         cur = self.current()
         if cur is not None:
             return cur[-1]
-        return f"{self.view}: nothing at t={frame_time_s(self.t, self.rec.num_past):+.1f}s (history)"
+        return f"{self.view}: nothing at t={self._seconds(self.t)} (history)"
+
+    def window_title(self) -> str:
+        """The window's title: what is shown (:meth:`status`), playing or not, the camera and the record."""
+        src = " ".join(x for x in (self.rec.scene, f"({self.rec.name})" if self.rec.name else "") if x)
+        parts = [self.status()] + (["playing"] if self.playing else []) + [f"{self.camera} camera"]
+        return " | ".join(parts + ([src] if src else []) + ["occ-mfd viewer"])
 
     def help_text(self) -> str:
         """The key help and the colours of the classes present (and of the error view)."""
         names = [f"{OCC3D_CLASSES[i]}={tuple(PALETTE[i])}" for i in self.classes_present]
         errors = [f"{ERROR_NAMES[i]}={tuple(ERROR_PALETTE[i])}" for i in range(1, 5)]
         return f"{HELP}\nclasses: {', '.join(names)}\nerror view: {', '.join(errors)}"
+
+
+def _nearest(ts: list[int], t: int) -> int:
+    """The element of ``ts`` nearest to ``t`` (the earlier one on a tie)."""
+    return min(ts, key=lambda s: (abs(s - t), s))
 
 
 def key_callbacks(st: ViewerState, redraw: Callable[[bool], None], capture: Callable[[Path], None],
@@ -103,8 +155,10 @@ def key_callbacks(st: ViewerState, redraw: Callable[[bool], None], capture: Call
     """
     def show(fn, reset=False):
         def cb(_vis):
-            fn()
+            note = fn()
             redraw(reset)
+            if note:
+                log.info(note)
             log.info(st.status())
             return True
         return cb
@@ -133,16 +187,40 @@ def key_callbacks(st: ViewerState, redraw: Callable[[bool], None], capture: Call
     return keys
 
 
+class NoDisplayError(RuntimeError):
+    """No window can be opened here; the message is one line saying what to do instead."""
+
+
 def run_viewer(rec: ForecastRecord, screenshot_dir: str | Path = ".", width: int = 1280, height: int = 800):
-    """Open the interactive window (needs a display). Blocks until the window is closed."""
+    """Open the interactive window (needs a display). Blocks until the window is closed.
+
+    Raises :class:`NoDisplayError` (before Open3D is touched) when no display can be opened: Open3D would
+    otherwise fall back to an invisible offscreen context and wait forever for keys that never come.
+    """
+    problem = display_problem()
+    if problem:
+        raise NoDisplayError(problem)
     import open3d as o3d
 
     st = ViewerState(rec)
     vis = o3d.visualization.VisualizerWithKeyCallback()
-    if not vis.create_window(window_name="occ-mfd viewer", width=width, height=height):
-        raise RuntimeError("could not open a window (no display?); use --render out.gif for headless output")
+    first_title = st.window_title()
+    if not vis.create_window(window_name=first_title, width=width, height=height):
+        raise NoDisplayError(f"could not open an OpenGL window on DISPLAY={os.environ.get('DISPLAY', '')} (Open3D's "
+                             "lines above say why; over ssh -X the local X server must allow indirect GLX): "
+                             f"{NO_WINDOW_ADVICE}")
+    title = None                          # None off X11: the terminal lines then say what is shown
+    for _ in range(20):                   # the window's properties may reach the server a moment later
+        title = WindowTitle.find(first_title)
+        if title is not None:
+            break
+        time.sleep(0.05)
     vis.get_render_option().light_on = False
     last_step = [0.0]
+
+    def show_title():
+        if title is not None:
+            title.set(st.window_title())
 
     def redraw(reset_camera=False):
         vis.clear_geometries()
@@ -173,20 +251,39 @@ def run_viewer(rec: ForecastRecord, screenshot_dir: str | Path = ".", width: int
         ctr.set_zoom(0.45 if st.camera == "bev" else 0.3)
 
     def animate(_vis):
-        if st.playing and time.time() - last_step[0] > PLAY_INTERVAL_S:
-            last_step[0] = time.time()
-            st.step(1)
-            redraw()
-            log.info(st.status())
-            return True
-        return False
+        """Registered only while playing (an animation callback makes Open3D poll and redraw non-stop);
+        sleeps between steps so that playing does not spin a core either."""
+        wait = PLAY_INTERVAL_S - (time.monotonic() - last_step[0])
+        if wait > 0:
+            time.sleep(min(wait, 0.05))
+            return False
+        last_step[0] = time.monotonic()
+        st.step(1)
+        redraw()
+        log.info(st.status())
+        show_title()
+        return True
+
+    def with_title(cb):
+        def run(v):
+            was_playing = st.playing
+            out = cb(v)
+            if st.playing != was_playing:
+                last_step[0] = time.monotonic()
+                vis.register_animation_callback(animate if st.playing else None)
+            show_title()
+            return out
+        return run
 
     capture = lambda path: vis.capture_screen_image(str(path), do_render=True)
     for code, cb in key_callbacks(st, redraw, capture, screenshot_dir).items():
-        vis.register_key_callback(code, cb)
-    vis.register_animation_callback(animate)
+        vis.register_key_callback(code, with_title(cb))
     log.info(st.help_text())
     redraw(reset_camera=True)
     log.info(st.status())
-    vis.run()
-    vis.destroy_window()
+    try:
+        vis.run()
+    finally:
+        if title is not None:
+            title.close()
+        vis.destroy_window()
