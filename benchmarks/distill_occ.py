@@ -23,6 +23,7 @@ from occ_mfd.engine.loop import train
 from occ_mfd.eval.forecasters import PipelineForecaster, load_forecaster
 from occ_mfd.eval.runner import run_eval
 from occ_mfd.models.snapshot import load_snapshot
+from occ_mfd.objectives.smf import StabilizedMeanFlow
 
 REPO = Path(__file__).resolve().parents[1]
 AUX_STEPS = 4                      # the shared aux:student ratio (DISTILLERS.md §12 fairness rules)
@@ -32,7 +33,12 @@ OCC_METHODS = {
     "mfd": ("mfd", {}), "vsd": ("vsd", {}), "dmd2": ("dmd2", {}), "senseflow": ("senseflow", {}), "cd": ("cd", {}),
     "ayf": ("ayf", {}), "mfd_coupled": ("mfd", {"noise": "coupled"}), "vsd_max2": ("vsd", {"vsd_time": "max2"}),
     "ayf_meanflow": ("ayf", {"time_sampler": "meanflow"}),
+    "meanflow": ("meanflow", {}), "meanflow_official": ("meanflow", {"time_sampler": "meanflow"}),
+    "tvm": ("tvm", {}), "freeflow": ("freeflow", {}), "smf": ("smf", {}),
+    "smf_no_warmup": ("smf", {"discrete_updates": 0}), "smf_no_align": ("smf", {"align_weight": 0.0}),
 }
+#: SMF's discrete warm-up K_w as a share of the study's update budget (DISTILLERS.md §8: 25 %).
+SMF_WARMUP_FRAC = 0.25
 
 
 def occ_method(name: str) -> tuple[str, dict]:
@@ -57,6 +63,18 @@ def method_config(name: str, seed: int, updates: int, data_root: str, teacher: s
     if has_aux:
         cfg.objective.aux_steps, cfg.objective.student_steps = AUX_STEPS, 1
     cfg.train.max_steps = updates * (AUX_STEPS + 1 if has_aux else 1)
+    if cfg_name == "smf":
+        # K_w from the budget; the loss-ratio switch off, so that the run's loop steps (phase A without aux, 20
+        # aux-only updates at the switch, then 4:1) are exactly ``updates`` student updates
+        if "discrete_updates" not in overrides:
+            cfg.objective.discrete_updates = round(SMF_WARMUP_FRAC * updates)
+        cfg.objective.switch_loss_ratio = 0.0
+        o = cfg.objective
+        align = o.get("align_weight", 1.0) > 0
+        cfg.train.max_steps = StabilizedMeanFlow.loop_steps(updates, o.discrete_updates, AUX_STEPS, 1,
+                                                            o.get("switch_aux_updates", 20), align)
+        if not align:                                       # no alignment: no aux network, no aux optimiser
+            cfg.optim.pop("aux", None)
     cfg.train.update(seed=seed, tensorboard=False, ckpt_interval=10**9, log_interval=AUX_STEPS + 1)
     return cfg
 

@@ -15,7 +15,9 @@ Methods: ``mfd`` (h = 0.02), ``vsd`` (Diff-Instruct: s = t ~ U(0, 1)), ``dmd2`` 
 intra-segment guidance + IDA λ = 0.97, no discriminator), ``cd`` (one-step consistency distillation, N = 40, EMA
 target 0.95, pseudo-Huber; it uses data samples, no aux), ``ayf`` (AYF-EMD: a two-time flow-map student, the fitted
 MLP + a zero-initialised Δt path; c = 0.1, warm-up H = 10 % of ``--updates``, times "fastgen_endpoint"; data
-samples, no aux), and ablations ``mfd_coupled`` (x_s from the generator's own noise), ``vsd_max2`` (t = max of two
+samples, no aux), the rest of the flow-map family on the same student (:func:`flow_map_objective`): ``meanflow``,
+``smf`` (ablations ``smf_no_warmup``, ``smf_no_align``), ``tvm``, ``freeflow`` (data-free, aux at 4:1), and
+ablations ``mfd_coupled`` (x_s from the generator's own noise), ``vsd_max2`` (t = max of two
 uniforms), ``mfd_h<H>``, ``senseflow_isg<W>`` (λ_ISG = W), ``ayf_meanflow`` (AYF with the previous "meanflow" time sampler, occ_mfd/objectives/ayf.py).
 Suite ``occ`` (§12 C, ``benchmarks/distill_occ.py``): each method's ``configs/tiny`` config through the real
 training loop from one teacher snapshot (``--occ-teacher``, data ``--occ-data``), ``--updates`` student updates at
@@ -56,15 +58,22 @@ from occ_mfd.flow.time_sampling import time_grid  # noqa: E402
 from occ_mfd.objectives.ayf import AlignYourFlow, flow_map_student  # noqa: E402
 from occ_mfd.objectives.cd import ConsistencyDistillation  # noqa: E402
 from occ_mfd.objectives.dmd2 import DistributionMatchingDistillation  # noqa: E402
+from occ_mfd.objectives.freeflow import FreeFlow  # noqa: E402
+from occ_mfd.objectives.meanflow import MeanFlow  # noqa: E402
 from occ_mfd.objectives.mfd import MeanFlowDistillation  # noqa: E402
 from occ_mfd.objectives.senseflow import SenseFlowDistillation  # noqa: E402
+from occ_mfd.objectives.smf import StabilizedMeanFlow  # noqa: E402
+from occ_mfd.objectives.tvm import TerminalVelocityMatching  # noqa: E402
 
 SUITES = {"toy", "cond", "occ"}
 PLANNED_SUITES: set[str] = set()
-METHODS = ("mfd", "vsd", "dmd2", "senseflow", "cd", "ayf", "mfd_coupled", "vsd_max2", "ayf_meanflow")
+#: The flow-map family beside AYF (two-time students, occ_mfd/objectives/{meanflow,smf,tvm,freeflow}.py).
+FLOW_MAP_METHODS = ("meanflow", "smf", "tvm", "freeflow", "smf_no_warmup", "smf_no_align", "meanflow_official")
+METHODS = ("mfd", "vsd", "dmd2", "senseflow", "cd", "ayf", "mfd_coupled", "vsd_max2",
+           "ayf_meanflow") + FLOW_MAP_METHODS
 PLANNED_METHODS = ()
 TOY = dict(fit_steps=1500, aux_warmup=300, batch=256, lr=1e-3, aux_steps=4, h=0.02, eval_n=2000, grad_reps=50,
-           curve_every=100, cond_cfg_scale=2.0, ref_steps=1000, ayf_warmup_frac=0.1)
+           curve_every=100, cond_cfg_scale=2.0, ref_steps=1000, ayf_warmup_frac=0.1, smf_warmup_frac=0.25)
 
 
 def check_method(name: str) -> None:
@@ -90,6 +99,9 @@ def make_objective(name: str, teacher, student, aux, cfg: dict, cfg_scale: float
         sampler = "meanflow" if name == "ayf_meanflow" else "fastgen_endpoint"
         return AlignYourFlow(teacher, flow_map_student(student, inject_at="net.0", dt_path="fourier"), data_prepare,
                              cfg_scale=cfg_scale, warmup_updates=warmup, time_sampler=sampler)
+    if name in FLOW_MAP_METHODS:
+        return flow_map_objective(name, teacher, flow_map_student(student, inject_at="net.0", dt_path="fourier"), aux,
+                                  cfg, cfg_scale, prepare, data_prepare)
     kw = dict(cfg_scale=cfg_scale, aux_steps=cfg["aux_steps"], student_steps=1)
     if name == "dmd2":
         return DistributionMatchingDistillation(teacher, student, aux, prepare, **kw)
@@ -100,6 +112,28 @@ def make_objective(name: str, teacher, student, aux, cfg: dict, cfg_scale: float
     extra = {"mfd_coupled": dict(noise="coupled"), "vsd": dict(s_neq_t_ratio=0.0),
              "vsd_max2": dict(s_neq_t_ratio=0.0, vsd_time="max2")}.get(name, {})
     return MeanFlowDistillation(teacher, student, aux, prepare, max_substep=h, **kw, **extra)
+
+
+def flow_map_objective(name: str, teacher, student, aux, cfg: dict, cfg_scale: float, prepare, data_prepare):
+    """The flow-map family's rows (DISTILLERS.md §6, 8-10) on the flow-map student ``student``: ``meanflow``
+    (MeanFlow distillation; ``meanflow_official``: with the official time sampler, 25 % at s = t), ``smf`` (discrete
+    warm-up for 25 % of ``cfg["updates"]``, then MeanFlow + trajectory alignment against the aux at 4:1; ablations
+    ``smf_no_warmup``, ``smf_no_align``), ``tvm`` (terminal velocity matching), ``freeflow`` (data-free predictor +
+    corrector against the aux at 4:1). Data-based methods read ``data_prepare``, FreeFlow only ``prepare``."""
+    if name in ("meanflow", "meanflow_official"):
+        sampler = "meanflow" if name == "meanflow_official" else "fastgen_endpoint"
+        return MeanFlow(teacher, student, data_prepare, cfg_scale=cfg_scale, time_sampler=sampler)
+    if name.startswith("smf"):
+        align = name != "smf_no_align"
+        k_w = 0 if name == "smf_no_warmup" else round(cfg["smf_warmup_frac"] * cfg["updates"])
+        return StabilizedMeanFlow(teacher, student, aux if align else None, data_prepare, cfg_scale=cfg_scale,
+                                  discrete_updates=k_w, max_substep=cfg["h"], align_weight=1.0 if align else 0.0,
+                                  aux_steps=cfg["aux_steps"])
+    if name == "tvm":
+        return TerminalVelocityMatching(teacher, student, data_prepare, cfg_scale=cfg_scale)
+    if name == "freeflow":
+        return FreeFlow(teacher, student, aux, prepare, cfg_scale=cfg_scale, aux_steps=cfg["aux_steps"])
+    raise ValueError(f"{name!r} is not a flow-map method ({', '.join(FLOW_MAP_METHODS)})")
 
 
 @torch.no_grad()

@@ -40,7 +40,8 @@ def test_quick_cond_study_row(tmp_path):
 
 
 def test_unknown_names_are_clear_errors():
-    for name in ("senseflow", "ayf", "ayf_meanflow", "senseflow_isg0.5", "mfd_h0.01"):   # implemented now
+    for name in ("senseflow", "ayf", "ayf_meanflow", "senseflow_isg0.5", "mfd_h0.01", "meanflow", "smf", "tvm",
+                 "freeflow", "smf_no_warmup", "smf_no_align", "meanflow_official"):   # implemented now
         check_method(name)
     with pytest.raises(SystemExit, match="unknown method 'senseflow_isg'"):
         check_method("senseflow_isg")
@@ -51,6 +52,9 @@ def test_unknown_names_are_clear_errors():
     with pytest.raises(ValueError, match="no occupancy configuration"):
         occ_method("toy_only")
     assert occ_method("mfd_h0.005") == ("mfd", {"max_substep": 0.005})
+    assert occ_method("smf_no_warmup") == ("smf", {"discrete_updates": 0})
+    assert occ_method("smf_no_align") == ("smf", {"align_weight": 0.0})
+    assert [occ_method(m)[0] for m in ("meanflow", "tvm", "freeflow")] == ["meanflow", "tvm", "freeflow"]
 
 
 @pytest.mark.slow
@@ -129,3 +133,46 @@ def test_relative_grad_variance_restores_the_state_before_every_replicate():
     obj = Counting()
     assert relative_grad_variance(obj, lambda n: None, 4, 5, 0) == 0.0
     assert float(obj.k) == 0.0                                            # and the state is restored afterwards
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite,updates,nfe", [
+    ("toy", 20, {"meanflow": 4, "smf": 7, "smf_no_warmup": 7, "smf_no_align": 4, "tvm": 5}),
+    ("cond", 12, {"meanflow": 5, "smf": 9, "smf_no_warmup": 9, "smf_no_align": 5, "tvm": 7})])
+def test_quick_flow_map_family_rows_match_the_others(tmp_path, suite, updates, nfe):
+    """The flow-map family gets the same student updates and row fields as DMD2. NFE per student update (median):
+    MeanFlow = teacher + student + the JVP's 2; TVM = two teacher calls + student + JVP; SMF in phase B (75 % of the
+    updates) = MeanFlow's + the alignment's student, teacher and aux; without alignment its median is MeanFlow's;
+    FreeFlow = teacher + student + 2·(predictor share) + (corrector share) aux: between 3 and 4. Under CFG (cond)
+    every teacher call counts 2."""
+    methods = ["dmd2", *nfe, "freeflow"]
+    out = tmp_path / "f.json"
+    assert main(["--quick", "--suite", suite, "--methods", *methods, "--seeds", "0", "--updates", str(updates),
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    assert [(r["method"], r["updates"], r["curve"][-1][0]) for r in res["rows"]] == [
+        (m, updates, updates - updates % 10) for m in methods]
+    assert all(set(r) == set(rows["dmd2"]) for r in rows.values())
+    assert {m: rows[m]["nfe_per_update"] for m in nfe} == nfe
+    cfg = 1 if suite == "toy" else 2
+    assert cfg + 2 < rows["freeflow"]["nfe_per_update"] < cfg + 3
+    assert set(res["summary"][suite]) == set(methods)
+
+
+def test_occ_smf_budget_is_exactly_the_student_updates(stages):
+    """Suite occ: SMF's loop steps for ``updates`` student updates (K_w = 25 %, 20 aux-only updates at the switch,
+    then 4:1, the loss-ratio switch off); the other flow-map methods: aux-free ones one step per update, FreeFlow 5."""
+    from benchmarks.distill_occ import method_config
+
+    work, data = stages
+    teacher = str(work / "teacher" / "snapshot.pt")
+    steps = {m: method_config(m, 0, 8, str(data), teacher).train.max_steps
+             for m in ("meanflow", "tvm", "freeflow", "smf", "smf_no_warmup", "smf_no_align")}
+    # smf: 2 phase-A + 20 + 6 phase-B updates with 4 aux between them; no warm-up: 20 + 8 + 4·7; no align: 8
+    assert steps == {"meanflow": 8, "tvm": 8, "freeflow": 40, "smf": 2 + 20 + 6 + 4 * 5, "smf_no_warmup": 56,
+                     "smf_no_align": 8}
+    cfg = method_config("smf", 0, 8, str(data), teacher)
+    assert cfg.objective.discrete_updates == 2 and cfg.objective.switch_loss_ratio == 0.0
+    assert set(cfg.optim) == {"student", "aux"}
+    assert set(method_config("smf_no_align", 0, 8, str(data), teacher).optim) == {"student"}   # no aux group

@@ -26,29 +26,40 @@ network that calls ``inject_at`` a different number of times is refused at the f
 
 :class:`FlowMapEndpoint` presents a flow map as a velocity network, ``v(x, t, c) = u(x, s=t, t=1, c)``, so the
 one-step Euler pipeline (``OccForecastPipeline``, steps = 1, x1 = x0 + 1·v(x0, 0)) samples X(x0, 0, 1) exactly.
-More pipeline steps are Euler on that endpoint field (a straight step toward each state's predicted endpoint),
-not the flow map's own sampler x ← x + (t_{k+1} − t_k)·u(x, t_k, t_{k+1}).
+For K steps the pipeline calls :meth:`FlowMapEndpoint.sample_grid`, the flow map's own sampler
+(:func:`flow_map_sample`, DISTILLERS.md §0.4): x ← x + (t_{k+1} − t_k)·u(x, t_k, t_{k+1}) on the pipeline's grid
+(for steps = 1 the same jump as above). Composing exact maps is exact, so a perfect flow map gives the same
+sample at every K, while Euler on the endpoint field would not; at initialisation (u ≡ the teacher) the K-step
+flow-map sampler is the teacher's K-step Euler.
 
-:func:`flow_map_jvp` is the JVP the Eulerian objectives need (§0.6): ``torch.func.jvp`` under ``no_grad``, in fp32
-(autocast off), with the math SDPA kernel (the flash / memory-efficient / CPU-flash kernels have no forward-mode
-AD), or a central finite difference.
+:func:`flow_map_jvp` is the JVP the flow-map objectives need (§0.6): ``torch.func.jvp`` in fp32 (autocast off), with
+the math SDPA kernel (the flash / memory-efficient / CPU-flash kernels have no forward-mode AD), or a central
+finite difference; under ``no_grad`` (MeanFlow, AYF, SMF, FreeFlow) or, with ``with_grad=True``, differentiable
+with respect to the network's parameters (TVM backpropagates through the JVP). :class:`JvpBackend` adds the "auto"
+choice: ``torch.func.jvp`` until it fails once, then the difference for the rest of the run.
 """
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from occ_mfd.builder import build
+from occ_mfd.flow.guidance import guided
+from occ_mfd.flow.path import expand_time
 from occ_mfd.models.embeddings import timestep_embedding
 from occ_mfd.models.snapshot import network_spec
 
+log = logging.getLogger(__name__)
 DT_PATHS = ("time_mlp", "fourier")
 JVP_METHODS = ("func", "fd")
+JVP_CHOICES = ("auto",) + JVP_METHODS
 
 
 def _build_spec(spec: nn.Module | dict) -> nn.Module:
@@ -176,6 +187,12 @@ class FlowMapEndpoint(nn.Module):
         t = torch.as_tensor(t).expand(x.shape[0])
         return self.flow_map(x, t, torch.ones_like(t), cond, drop_cond=drop_cond)
 
+    def sample_grid(self, x0: torch.Tensor, grid: torch.Tensor, cond: Any = None, cfg_scale: float = 1.0,
+                    fused: bool = True) -> torch.Tensor:
+        """The flow map's K-step sampler on ``grid`` (K+1,) from x0 (B, ...): see :func:`flow_map_sample`. The
+        pipeline calls this in place of Euler when its network has it."""
+        return flow_map_sample(self.flow_map, x0, grid, cond, cfg_scale=cfg_scale, fused=fused)
+
 
 def is_flow_map(net: nn.Module) -> bool:
     """Whether ``net`` (a snapshot's "net") takes an interval input, i.e. is a flow map behind its endpoint."""
@@ -183,8 +200,17 @@ def is_flow_map(net: nn.Module) -> bool:
 
 
 def flow_map_jvp(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor],
-                 method: str = "func", eps: float = 1e-4) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(fn(*primals) or None, d/dε fn(primals + ε·tangents) at ε = 0), without grad.
+                 method: str = "func", eps: float = 1e-4,
+                 with_grad: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(fn(*primals) or None, d/dε fn(primals + ε·tangents) at ε = 0), without grad unless ``with_grad``.
+
+    ``with_grad=True`` keeps the autograd graph to the parameters fn closes over (reverse over forward mode: the
+    tangent is differentiable, as TVM needs); the primals and tangents themselves are still detached. [Measured]
+    PyTorch 2.13's fused layer_norm gives its forward-mode tangent a wrong parameter gradient (6.8 % off on the tiny
+    forecaster, 14 % on Linear → LayerNorm → Linear, against fp64 differences; related reports: pytorch/pytorch#196700,
+    layer_norm's nested forward-mode derivative is wrong, and PR #176234, its saved mean / inverse std carry no
+    autograd history), so with grad and ``method="func"`` every ``F.layer_norm`` is computed from primitive ops
+    (:class:`DecomposedLayerNorm`; tests/test_flow_map_distillers.py checks both cases against the difference).
 
     ``method="func"``: ``torch.func.jvp`` (exact; returns the primal output too). ``"fd"``: central difference
     (fn(p + ε·v) − fn(p − ε·v)) / 2ε, 2 evaluations, any attention kernel, no primal (None). Both run in at least
@@ -200,10 +226,103 @@ def flow_map_jvp(fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor
     dtype = torch.promote_types(primals[0].dtype, torch.float32)
     primals = tuple(p.detach().to(dtype) for p in primals)
     tangents = tuple(v.detach().to(dtype) for v in tangents)
-    with torch.no_grad(), torch.autocast(device_type=primals[0].device.type, enabled=False), \
+    grad = with_grad and torch.is_grad_enabled()
+    with torch.set_grad_enabled(grad), torch.autocast(device_type=primals[0].device.type, enabled=False), \
             sdpa_kernel(SDPBackend.MATH):
         if method == "func":
+            if grad:
+                with DecomposedLayerNorm():
+                    return torch.func.jvp(fn, primals, tangents)
             return torch.func.jvp(fn, primals, tangents)
         plus = fn(*(p + eps * v for p, v in zip(primals, tangents)))
         minus = fn(*(p - eps * v for p, v in zip(primals, tangents)))
         return None, (plus - minus) / (2 * eps)
+
+
+def _layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """``F.layer_norm`` from primitive ops (mean, rsqrt): every op's forward-mode rule is differentiable."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    centred = input - input.mean(dims, keepdim=True)
+    out = centred * torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
+
+
+class DecomposedLayerNorm(TorchFunctionMode):
+    """Within this context ``torch.nn.functional.layer_norm`` (hence ``nn.LayerNorm``) runs as :func:`_layer_norm`
+    (see :func:`flow_map_jvp`: the fused kernel's tangent has a wrong gradient). Scoped to the ``with`` block."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.layer_norm:
+            return _layer_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class JvpBackend:
+    """``jvp(fn, primals, tangents, with_grad=False)`` with the "auto" | "func" | "fd" choice of the objectives.
+
+    "auto": ``torch.func.jvp`` until forward-mode AD fails (a kernel without a jvp rule), then, with a warning, the
+    central difference (ε = ``eps``) for the rest of the run; "func" / "fd" force one. ``method`` is the one in use.
+    Returns (primal or None (the difference has none), tangent), as :func:`flow_map_jvp`.
+    """
+
+    def __init__(self, choice: str = "auto", eps: float = 1e-4, what: str = "flow map"):
+        if choice not in JVP_CHOICES:
+            raise ValueError(f"jvp must be one of {JVP_CHOICES}, got {choice!r}")
+        if eps <= 0:
+            raise ValueError(f"fd_eps must be > 0, got {eps}")
+        self.choice, self.eps, self.what = choice, float(eps), what
+        self.method = "fd" if choice == "fd" else "func"
+
+    def __call__(self, fn: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor],
+                 tangents: Sequence[torch.Tensor], with_grad: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if self.method == "func":
+            try:
+                return flow_map_jvp(fn, primals, tangents, method="func", with_grad=with_grad)
+            except (RuntimeError, NotImplementedError) as e:
+                if self.choice != "auto":
+                    raise
+                log.warning("%s: torch.func.jvp failed (%s); using a central finite difference (eps=%g) from now on",
+                            self.what, e, self.eps)
+                self.method = "fd"
+        return flow_map_jvp(fn, primals, tangents, method="fd", eps=self.eps, with_grad=with_grad)
+
+
+def require_flow_map(student: nn.Module, method: str) -> None:
+    """A clear error when a flow-map objective is handed a network without an interval input (s, t)."""
+    if not is_flow_map(student):
+        raise ValueError(f"{method} trains a two-time flow map: the student must be a models.flow_map.FlowMapEndpoint "
+                         f"(a velocity net wrapped by FlowMapNet), got {type(student).__name__}, which has no "
+                         f"interval input (s, t)")
+
+
+def flow_map_sample(flow_map: Callable[..., torch.Tensor], x0: torch.Tensor, grid: torch.Tensor, cond: Any = None,
+                    cfg_scale: float = 1.0, fused: bool = True) -> torch.Tensor:
+    """The flow-map sampler (DISTILLERS.md §0.4): x ← x + (t_{k+1} − t_k)·u(x, t_k, t_{k+1}) over ``grid``.
+
+    flow_map: ``u(x, s, t, cond, drop_cond)`` (e.g. :class:`FlowMapNet`); x0 (B, ...) at grid[0]; grid (K+1,)
+    increasing times shared by the batch, K ≥ 1 (K = steps = NFE). ``cfg_scale`` ≠ 1 guides the average velocity
+    as the teacher's field, u_u + w (u_c − u_u) (one fused 2B batch unless ``fused=False``); flow-map students are
+    sampled with w = 1. Returns x at grid[-1], shape of x0.
+    """
+    if grid.ndim != 1 or grid.shape[0] < 2:
+        raise ValueError(f"the flow-map sampler needs a grid (K+1,) with K >= 1 steps, got shape {tuple(grid.shape)}")
+    grid = grid.to(device=x0.device, dtype=x0.dtype)
+    if bool((grid[1:] < grid[:-1]).any()):
+        raise ValueError(f"the flow-map sampler jumps forward in time (s <= t): grid {grid.tolist()} decreases")
+    x = x0
+    for k in range(grid.shape[0] - 1):
+        u = guided(_to_target(flow_map, grid[k + 1]), cfg_scale, fused=fused)(x, grid[k].expand(x.shape[0]), cond)
+        x = x + expand_time((grid[k + 1] - grid[k]).expand(x.shape[0]), x) * u
+    return x
+
+
+def _to_target(flow_map: Callable[..., torch.Tensor], t: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """u(·, ·, t) as a velocity net ``net(x, s, cond, drop_cond)`` for :func:`guided` (a 0-d t expands to any batch,
+    including guidance's 2B)."""
+    def net(x, s, cond=None, drop_cond=None):
+        return flow_map(x, s, t, cond, drop_cond=drop_cond)
+    return net

@@ -98,12 +98,17 @@ class OccForecastPipeline(nn.Module):
     def sample(self, cond: ForecastCond, x0: torch.Tensor, steps: int | None = None,
                cfg_scale: float | None = None) -> torch.Tensor:
         """Integrate the (guided) velocity from x0 at t = 0 to t = 1: (B, F, C, H, W) latents (a residual net's
-        output plus its prior latents)."""
+        output plus its prior latents). A flow-map network (one with ``sample_grid``, i.e.
+        ``models.flow_map.FlowMapEndpoint``) is sampled by its own jumps on the same grid instead of Euler."""
         steps = self.steps if steps is None else int(steps)
         scale = self.cfg_scale if cfg_scale is None else float(cfg_scale)
-        velocity = guided(self.net, scale, fused=self.fused_cfg)
         grid = time_grid(steps, self.shift, device=x0.device, dtype=x0.dtype)
-        x1 = euler_integrate(lambda x, t: velocity(x, t, cond), x0, grid)
+        flow_map_sampler = getattr(self.net, "sample_grid", None)
+        if flow_map_sampler is not None:   # a two-time flow map (models/flow_map.py): x ← x + Δt·u(x, t_k, t_{k+1})
+            x1 = flow_map_sampler(x0, grid, cond, cfg_scale=scale, fused=self.fused_cfg)
+        else:
+            velocity = guided(self.net, scale, fused=self.fused_cfg)
+            x1 = euler_integrate(lambda x, t: velocity(x, t, cond), x0, grid)
         if getattr(self.net, "residual", False):     # the net generates future − prior latents
             x1 = x1 + cond.prior_latents
         return x1

@@ -32,9 +32,9 @@ from occ_mfd.models.pipeline import OccForecastPipeline, SamplerSettings
 
 FORMAT = "occ_mfd.snapshot/1"
 SNAPSHOT = "snapshot.pt"
-FORECASTER_KINDS = ("teacher", "student", "vsd", "dmd2", "cd", "senseflow", "ayf")
 #: Kinds whose "net" is a two-time flow map behind ``models.flow_map.FlowMapEndpoint`` (an interval input (s, t)).
-FLOW_MAP_KINDS = ("ayf",)
+FLOW_MAP_KINDS = ("ayf", "meanflow", "smf", "tvm", "freeflow")
+FORECASTER_KINDS = ("teacher", "student", "vsd", "dmd2", "cd", "senseflow") + FLOW_MAP_KINDS
 
 
 def network_spec(module: nn.Module) -> dict:

@@ -1,0 +1,104 @@
+"""FreeFlow: the predictor's residual vanishes for the exact Gaussian flow map from the prior and is the closed form
+c(1 − β(t)t) for a map off by c, the corrector's exact VSD gradient and sign on point masses, the balance λ and the
+whole update's gradient on constant fields, that it never reads data, the batch split helper, and bad input."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.toy2d_gmm import MLPVelocity  # noqa: E402
+from flow_map_toys import ConstantMap, GaussianMap, PointMap, gauss_beta  # noqa: E402
+from occ_mfd.models.flow_map import FlowMapEndpoint  # noqa: E402
+from occ_mfd.models.forecaster import ForecastCond  # noqa: E402
+from occ_mfd.objectives.freeflow import FreeFlow, take_batch  # noqa: E402
+from test_mfd import MU, SIG, GaussianFlow, PointMassFlow  # noqa: E402
+from test_senseflow import ConstantFlow  # noqa: E402
+
+torch.set_num_threads(1)
+D = 3
+M, M2, P = [1.0, -2.0, 0.5], [0.5, 0.0, -1.0], [0.0, 1.0, 3.0]
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.3])
+def test_predictor_residual_is_zero_for_the_exact_map_and_closed_form_otherwise(offset):
+    """From the prior (s = 0): X'(z, t) = X(z, t) + t c, so Δ_G = ∂_t X' − v(X', t) = c − β(t) t c; the per-sample
+    loss is w Δ_G² with w = 1/(Δ_G² + ε) (d = 1)."""
+    obj = FreeFlow(GaussianFlow(MU, SIG ** 2), FlowMapEndpoint(GaussianMap(offset)), PointMassFlow([0.0]),
+                   lambda b: (b, None))
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 1, generator=g, dtype=torch.float64)
+    t = 0.02 + 0.98 * torch.rand(64, generator=g, dtype=torch.float64)
+    per, delta, _ = obj.predictor(z, t, None)
+    dg = offset * (1 - gauss_beta(t) * t)
+    torch.testing.assert_close(delta[:, 0], dg, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(per.detach(), dg ** 2 / (dg ** 2 + 0.01), rtol=1e-9, atol=1e-12)
+
+
+def test_corrector_gradient_is_vsd_on_the_endpoint_and_moves_toward_the_teacher():
+    """Student X(z, 1) = p (PointMap); teacher and aux point masses at a and c: Δ_N = (c − a)/(1 − r) exactly, and
+    d(Σ_b ⟨Δ_N, x1⟩/D)/dp = Σ_b Δ_N,b/D. With the aux on the student's own point (c = p) descent moves p to a.
+    r is pinned at sigmoid(−1.4) by a vanishing std."""
+    a, p = torch.tensor(M, dtype=torch.float64), torch.tensor(P, dtype=torch.float64)
+    obj = FreeFlow(PointMassFlow(a), FlowMapEndpoint(PointMap(P)), PointMassFlow(P), lambda b: (b, None),
+                   corrector_std=1e-12)
+    per, diff = obj.corrector(torch.randn(8, D, dtype=torch.float64), None)
+    r = 1 / (1 + math.exp(1.4))
+    torch.testing.assert_close(diff, ((p - a) / (1 - r)).expand(8, D), rtol=1e-9, atol=1e-12)
+    per.sum().backward()
+    torch.testing.assert_close(obj.flow_map.p.grad, 8 * (p - a) / (1 - r) / D, rtol=1e-9, atol=0)
+    assert (p - 0.1 * obj.flow_map.p.grad - a).norm() < (p - a).norm()
+
+
+def test_balance_and_the_whole_updates_gradient():
+    """Teacher v = m, aux v = m2, student u = p (ConstantMap): predictor Δ_G = p − m, w = 1/(‖p − m‖²/D + ε);
+    corrector Δ_N = m2 − m; λ = 2 w ‖p − m‖ / ‖m2 − m‖ (the first update's EMAs are the batch values); and
+    dL/dp = [n_pred·2w(p − m) + n_corr·λ(m2 − m)] / (D B)."""
+    m, m2, p = (torch.tensor(v, dtype=torch.float64) for v in (M, M2, P))
+    obj = FreeFlow(ConstantFlow(m), FlowMapEndpoint(ConstantMap(P)), ConstantFlow(m2), lambda b: (b, None))
+    torch.manual_seed(0)
+    B = 64
+    out = obj(torch.zeros(B, D, dtype=torch.float64), "student")
+    out.loss.backward()
+    w = 1 / (float((p - m).pow(2).sum()) / D + 0.01)
+    lam = 2 * w * float((p - m).norm()) / float((m2 - m).norm())
+    assert math.isclose(out.logs["corr_lambda"], lam, rel_tol=1e-6)
+    n_pred = round(out.logs["predictor_share"] * B)
+    assert 0 < n_pred < B
+    expected = (n_pred * 2 * w * (p - m) + (B - n_pred) * lam * (m2 - m)) / (D * B)
+    torch.testing.assert_close(obj.flow_map.p.grad, expected, rtol=1e-6, atol=1e-12)
+    assert out.logs["nfe_jvp"] == 2 * n_pred / B and out.logs["nfe_aux"] == 1 - n_pred / B
+
+
+def test_it_never_reads_data_and_keeps_mfds_aux_schedule():
+    """Data-free: a batch of NaNs in place of data gives a finite loss (only its shape is used); the aux learns the
+    student's one-step samples 4 updates per student update (MFD's phase)."""
+    torch.manual_seed(0)
+    obj = FreeFlow(GaussianFlow(MU, SIG ** 2), FlowMapEndpoint(GaussianMap(0.2)), PointMassFlow([0.0], trainable=True),
+                   lambda b: (b, None))
+    out = obj(torch.full((16, 1), math.nan, dtype=torch.float64), "student")
+    assert math.isfinite(float(out.loss)) and 0 < out.logs["predictor_share"] < 1
+    out.loss.backward()
+    assert math.isfinite(float(obj.flow_map.offset.grad))
+    assert [obj.phase(i) for i in range(5)] == ["aux"] * 4 + ["student"] and obj.kind == "freeflow"
+
+
+def test_take_batch():
+    cond = ForecastCond(torch.arange(12.0).reshape(4, 3), torch.arange(4.0), None)
+    idx = torch.tensor([3, 1])
+    got = take_batch(cond, idx)
+    assert torch.equal(got.past_latents, cond.past_latents[idx]) and torch.equal(got.ego, torch.tensor([3.0, 1.0]))
+    assert got.prior_latents is None
+    mixed = take_batch({"a": torch.arange(4), "b": (torch.tensor(7.0), "x")}, idx)
+    assert torch.equal(mixed["a"], torch.tensor([3, 1])) and float(mixed["b"][0]) == 7.0 and mixed["b"][1] == "x"
+    assert take_batch(None, idx) is None
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="interval input"):
+        FreeFlow(ConstantFlow(M), MLPVelocity(), MLPVelocity(), lambda b: (b, None))
+    with pytest.raises(ValueError, match="predictor_ratio"):
+        FreeFlow(ConstantFlow(M), FlowMapEndpoint(ConstantMap(P)), ConstantFlow(M2), lambda b: (b, None),
+                 predictor_ratio=1.5)
