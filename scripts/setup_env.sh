@@ -3,7 +3,9 @@
 #   TORCH_SPEC   torch requirement installed first (default: the CPU wheel torch==2.13.0).
 #                GPU users: TORCH_SPEC=skip to keep a torch already in the venv, or e.g.
 #                TORCH_SPEC="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124".
-#   SPARSE_SPEC  spconv build (default spconv==2.3.8, the CPU build; GPU: spconv-cu120 or newer cu12x).
+#   SPARSE_SPEC  spconv build (default spconv==2.3.8, the CPU build). GPU: a CUDA 12 torch and spconv-cu126 (or
+#                cu121/cu124; all 2.3.8, Python 3.10-3.13); spconv-cu120 stops at 2.3.6 and Python 3.11. spconv has
+#                no CUDA 13 build: PyPI's default torch 2.13 is CUDA 13, so take torch from a cu12x index.
 #   EXTRAS       extras to install (default sparse,viz,dev).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,4 +55,7 @@ fi
 echo "[setup] installing occ-mfd[$EXTRAS]"
 $PIP install -q -e ".[$EXTRAS]"
 echo "$want" > "$stamp"
+# Does the installed spconv fit this torch? (a CUDA spconv with a CPU torch, a CUDA major mismatch, two builds …)
+$VENV/bin/python -c 'from occ_mfd.models.sparse import spconv_status as s; p = s().problem
+print("[setup] spconv:", "fits torch" if p is None else "WARNING: " + p)' 2>/dev/null || true
 echo "[setup] done: $($VENV/bin/python -c 'import torch, numpy; print("torch", torch.__version__, "numpy", numpy.__version__)')"

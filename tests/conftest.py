@@ -30,3 +30,13 @@ def stages(tmp_path_factory):
         return train_tiny_stages(tmp_path_factory.mktemp("stages"))
     finally:
         torch.set_num_threads(n)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: without it they are skipped, saying so (tools/gpu_check.py runs them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu test: CUDA is not available (run tools/gpu_check.py on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

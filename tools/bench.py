@@ -26,10 +26,12 @@ from occ_mfd.atomic import atomic_write
 from occ_mfd.builder import build
 from occ_mfd.data.records import OccBatch, collate_sequences
 from occ_mfd.data.sequences import OccSequenceDataset
+from occ_mfd.engine.distributed import DeviceUnavailable, check_device
 from occ_mfd.eval.forecasters import load_forecaster
 from occ_mfd.eval.speed import floor_stages, measure, pipeline_stages, runtime_info, speedups, \
     time_training_step, to_channels_last
 from occ_mfd.grid import FREE_ID
+from occ_mfd.models.sparse import SparseUnavailable
 from occ_mfd.models.snapshot import load_snapshot
 
 
@@ -38,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--teacher", required=True, help="teacher snapshot (or the teacher stage's work dir)")
     p.add_argument("--student", help="student (MFD) snapshot; without it only the teacher is timed")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 10])
+    p.add_argument("--student-steps", type=int, nargs="+", default=[1],
+                   help="student rows student@K (a flow-map student, e.g. meanflow/smf/tvm/freeflow/ayf, samples K "
+                        "flow-map jumps; a velocity student K Euler steps)")
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--device", default="cpu")
@@ -45,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--data", help="prepared dataset: time on its first sequence (default: a synthetic scene)")
     p.add_argument("--split", default="val")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
-    p.add_argument("--bf16", action="store_true", help="also time bf16 autocast (CUDA only)")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time bf16 autocast (rows '+bf16', dtype bfloat16; meant for CUDA, runs on CPU too)")
     p.add_argument("--channels-last", action="store_true", help="also time channels-last networks")
     p.add_argument("--cfg-two-pass", action="store_true", help="also time CFG as two passes (vs the fused 2B batch)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step timings")
@@ -93,9 +99,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        device = check_device(args.device)
+    except DeviceUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.bf16 and device.type != "cuda":
-        print("error: --bf16 autocast is measured on CUDA only", file=sys.stderr)
+        print("warning: --bf16 on CPU: bf16 autocast runs, but CPU timings say little about a GPU's", file=sys.stderr)
+    if min(args.steps + args.student_steps) < 1:
+        print("error: --steps and --student-steps must be >= 1", file=sys.stderr)
         return 2
     short = args.runs < 50 or args.warmup < 10
     if short:
@@ -105,7 +117,7 @@ def main(argv=None) -> int:
         teacher, t_info = load_forecaster(args.teacher, device=device)
         student, s_info = load_forecaster(args.student, device=device) if args.student else (None, None)
         batch = make_batch(args, t_info, device)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError, SparseUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     kw = dict(runs=args.runs, warmup=args.warmup, device=device)
@@ -115,7 +127,8 @@ def main(argv=None) -> int:
     ref = f"teacher@{ref_n}"
     forecasters = [("teacher", teacher, ref_n)] + ([("student", student, 1)] if student is not None else [])
     if student is not None:
-        rows.append(measure("student@1", 1, 1, pipeline_stages(student, 1), batch, **kw))
+        rows += [measure(f"student@{k}", k, k, pipeline_stages(student, k), batch, **kw)
+                 for k in dict.fromkeys(args.student_steps)]
     floor_net = student if student is not None else teacher
     rows.append(measure("floor", 1, 1, floor_stages(floor_net, batch), batch, **kw))
     if args.cfg_two_pass and teacher.cfg_scale != 1.0:
@@ -129,10 +142,11 @@ def main(argv=None) -> int:
     if args.bf16:
         for name, pipe, n in forecasters:
             rows.append(measure(f"{name}@{n}+bf16", n, n, pipeline_stages(pipe, n, autocast=torch.bfloat16),
-                                batch, options=["bf16-autocast"], **kw))
+                                batch, options=["bf16-autocast"], dtype="bfloat16", **kw))
     ups = speedups(rows, ref)
     floor = next(r for r in rows if r.name == "floor")
-    result = {"device": runtime_info(device), "protocol": {
+    dtype = "float32" + (" (rows +bf16: bfloat16 autocast)" if args.bf16 else "")
+    result = {"device": runtime_info(device, dtype), "protocol": {
         "batch_size": 1, "runs": args.runs, "warmup": args.warmup, "meets_protocol": not short,
         "inputs": args.data or "synthetic scene", "teacher": args.teacher, "student": args.student,
         "teacher_cfg_scale": float(teacher.cfg_scale), "teacher_shift": float(teacher.shift),
@@ -140,7 +154,7 @@ def main(argv=None) -> int:
         "floor": "one unguided network evaluation + decode + argmax (of the student if given)",
         "end_to_end": "encode + sample + decode + argmax"},
         "rows": [r.to_dict() for r in rows], "speedup_reference": ref, "speedups": ups}
-    if student is not None:
+    if student is not None and 1 in args.student_steps:
         result["student_over_floor"] = rows[[r.name for r in rows].index("student@1")].latency_ms_median \
             / floor.latency_ms_median
     if not args.no_train:
@@ -180,11 +194,12 @@ def print_tables(res: dict) -> None:
     print(f"== speed: {d['device']} ({d['device_name']}), {d['dtype']}, {d['threads']} threads, torch {d['torch']}; "
           f"batch 1, {res['protocol']['runs']} runs after {res['protocol']['warmup']} warm-up; median (p90) ms ==")
     stages = ["encode", "sample", "decode", "argmax"]
-    print(f"{'row':<28} {'NFE':>4} {'e2e ms':>9} {'p90':>8} {'FPS':>7} "
+    print(f"{'row':<28} {'dtype':>8} {'NFE':>4} {'e2e ms':>9} {'p90':>8} {'FPS':>7} "
           + " ".join(f"{s:>8}" for s in stages) + f"  {'×' + res['speedup_reference']:>14}")
     for r in res["rows"]:
         st = r["stages_ms"]
-        print(f"{r['name']:<28} {r['nfe']:>4} {r['latency_ms_median']:>9.2f} {r['latency_ms_p90']:>8.2f} "
+        print(f"{r['name']:<28} {r['dtype']:>8} {r['nfe']:>4} {r['latency_ms_median']:>9.2f} "
+              f"{r['latency_ms_p90']:>8.2f} "
               f"{r['fps']:>7.1f} " + " ".join(f"{st[s]:>8.2f}" if s in st else f"{'-':>8}" for s in stages)
               + f"  {res['speedups'][r['name']]:>14.2f}")
     if "student_over_floor" in res:

@@ -9,6 +9,11 @@
 ``--model [NAME=]SNAPSHOT[:steps=N][,cfg=S]`` may repeat (a stage's work dir stands for its snapshot.pt); one
 snapshot is loaded once whatever its step counts. Names default to the snapshot's kind (teacher / student /
 vsd), suffixed @steps when needed to be unique. Snapshots hold EMA weights.
+
+    torchrun --nproc_per_node=K tools/eval.py --device cuda ...   # the batches dealt to K ranks, same table
+
+Under torchrun each rank forecasts every K-th batch (with its one-process noise) and the confusion matrices are
+summed, so the table is that of one process; only rank 0 prints and writes files (the seconds are rank 0's).
 """
 from __future__ import annotations
 
@@ -19,11 +24,13 @@ from pathlib import Path
 import torch
 
 from occ_mfd.data.sequences import OccSequenceDataset
+from occ_mfd.engine import distributed as du
 from occ_mfd.eval.baselines import BASELINES, VAEReconstruction
 from occ_mfd.eval.forecasters import PipelineForecaster, check_compatible, load_forecaster, parse_model_spec
 from occ_mfd.eval.report import format_header, format_table, plot_curves, protocol_header, results_dict, \
     write_csv, write_json
 from occ_mfd.eval.runner import run_eval
+from occ_mfd.models.sparse import SparseUnavailable
 
 
 def parse_args(argv=None):
@@ -78,7 +85,8 @@ def build_rows(args, device):
             name += "'"
         row = PipelineForecaster(pipeline, name, steps, s.cfg_scale)
         rows.append(row)
-        models.append({"name": name, "snapshot": info.path, "kind": info.kind, "steps": steps, "sampler": "euler",
+        models.append({"name": name, "snapshot": info.path, "kind": info.kind, "steps": steps,
+                       "sampler": "flow_map" if info.flow_map else "euler",
                        "shift": row.shift, "cfg_scale": row.effective_cfg, "ema": True,
                        "trained_steps": info.step, "git_rev": info.git_rev})
     return rows, models, loaded, pool
@@ -92,15 +100,29 @@ def main(argv=None) -> int:
         print("error: nothing to evaluate: give --model and/or --baseline", file=sys.stderr)
         return 2
     try:
+        du.check_device(args.device)
+        info = du.setup(args.device)            # torchrun: join the group (CUDA: cuda:LOCAL_RANK); else nothing
+    except (du.DeviceUnavailable, RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _main(args, info)
+    finally:
+        du.teardown(info)
+
+
+def _main(args, info: du.DistInfo) -> int:
+    say = print if info.is_main else (lambda *a, **k: None)
+    try:
         if not (Path(args.data) / "index.json").is_file():
             raise FileNotFoundError(f"--data {args.data}: no index.json there (prepare the data first)")
-        device = torch.device(args.device)
+        device = info.device
         rows, models, loaded, pool = build_rows(args, device)
         mask = None if args.mask == "none" else args.mask
         split = None if args.split == "all" else args.split
         dataset = OccSequenceDataset(args.data, split, past=args.past, future=args.future, pool=pool, mask=mask)
-        for _, info in loaded.values():
-            check_compatible(info, dataset.grid, dataset.index.classes, args.data, args.past, args.future)
+        for _, info_ in loaded.values():
+            check_compatible(info_, dataset.grid, dataset.index.classes, args.data, args.past, args.future)
         rows += [BASELINES[b](dataset.grid) for b in dict.fromkeys(args.baseline)]
         if args.recon:
             if not rows or not hasattr(rows[0], "pipeline"):
@@ -109,14 +131,16 @@ def main(argv=None) -> int:
         n = len(dataset) if args.max_sequences is None else min(args.max_sequences, len(dataset))
         protocol = protocol_header(data_root=args.data, split=split, num_sequences=n, grid=dataset.grid,
                                    past=args.past, future=args.future, mask=mask, seed=args.seed, device=device,
-                                   batch_size=args.batch_size, models=models)
-        print(format_header(protocol), flush=True)
+                                   batch_size=args.batch_size, models=models, world_size=info.world_size)
+        say(format_header(protocol), flush=True)
         results = run_eval(dataset, rows, grid=dataset.grid, batch_size=args.batch_size, seed=args.seed,
                            device=device, max_sequences=args.max_sequences, num_workers=args.num_workers,
-                           dump_dir=args.dump_forecasts, dump_count=args.dump_count)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+                           dump_dir=args.dump_forecasts, dump_count=args.dump_count, progress=info.is_main)
+    except (FileNotFoundError, ValueError, RuntimeError, SparseUnavailable) as e:
+        print(f"{'' if info.is_main else f'[rank {info.rank}] '}error: {e}", file=sys.stderr)
         return 2
+    if not info.is_main:
+        return 0
     res = results_dict(protocol, results)
     print()
     print(format_table(res))

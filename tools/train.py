@@ -19,9 +19,11 @@ from pathlib import Path
 from mmengine.config import Config, DictAction
 
 from occ_mfd.engine.checkpoint import CheckpointUnreadable
+from occ_mfd.engine.distributed import DeviceUnavailable, check_device
 from occ_mfd.engine.logging import log_to_stdout
 from occ_mfd.engine.loop import NonFiniteError, train
 from occ_mfd.engine.preempt import EXIT_PREEMPTED
+from occ_mfd.models.sparse import SparseUnavailable
 
 
 def main(argv=None) -> int:
@@ -37,6 +39,12 @@ def main(argv=None) -> int:
 
     if not Path(args.config).is_file():
         ap.error(f"config {args.config} does not exist")
+    if args.device:
+        try:
+            check_device(args.device)
+        except DeviceUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
@@ -46,7 +54,7 @@ def main(argv=None) -> int:
     work_dir = args.work_dir or str(Path("work_dirs") / Path(args.config).stem)
     try:
         result = train(cfg, work_dir, device=args.device, resume=not args.no_resume)
-    except (NonFiniteError, CheckpointUnreadable) as e:
+    except (NonFiniteError, CheckpointUnreadable, DeviceUnavailable, SparseUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return EXIT_PREEMPTED if result.stopped_by and not result.finished else 0

@@ -1,5 +1,8 @@
-# Full-scale occupancy VAE (OccFM): 200×200×16 Occ3D grid → 16 × 50 × 50 latent; 15.9 M parameters.
-# Residual conv stages replace OccFM's Swin stages (see occ_mfd/models/vae.py).
+# Full-scale occupancy VAE (OccFM): 200×200×16 Occ3D grid → 16 × 50 × 50 latent; 15.87 M parameters.
+# Residual conv stages replace OccFM's Swin stages (see occ_mfd/models/vae.py). The encoder starts with a 3-D stem
+# over occupied voxels only (stem3d_channels; ~6 % of Occ3D's voxels): spconv when a spconv build that fits torch
+# is installed (sparse="auto"), else its dense twin, the same function with the same parameters
+# (occ_mfd/models/sparse.py; sparse=True makes a missing or mismatched spconv an error).
 #   python tools/train.py configs/nuscenes/vae.py --cfg-options data.root=data/occ
 #   torchrun --nproc_per_node=8 tools/train.py configs/nuscenes/vae.py
 _base_ = ["../_base_/train_defaults.py"]
@@ -9,7 +12,8 @@ data = dict(type="occ_mfd.data.sequences.OccSequenceDataset", root="data/occ", s
 objective = dict(
     type="occ_mfd.objectives.vae.VAEObjective",
     vae=dict(type="occ_mfd.models.vae.OccVAE", num_classes=18, grid_z=16, class_dim=8, height_dim=4,
-             channels=(128, 256, 512), num_res_blocks=1, latent_channels=16, downsample=4, sparse="auto"),
+             channels=(128, 256, 512), num_res_blocks=1, latent_channels=16, downsample=4,
+             stem3d_channels=16, sparse="auto"),
     max_frames=None,
 )
 optim = dict(main=dict(lr=1e-4, weight_decay=0.01, grad_clip=5.0))

@@ -64,6 +64,17 @@ class OccBatch:
     def batch_size(self) -> int:
         return self.past.shape[0]
 
+    def pin_memory(self, device: torch.device | str | None = None) -> "OccBatch":
+        """A copy with every tensor field in page-locked memory (the rest kept as is), so ``to(cuda,
+        non_blocking=True)`` overlaps the copy. torch's DataLoader (``pin_memory=True``) calls this method on
+        batch types it does not know; without it a dataclass batch would pass through unpinned. ``device``:
+        accepted for the ``pin_memory(device)`` signature of older torch versions, unused."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.pin_memory() if isinstance(v, torch.Tensor) else v
+        return OccBatch(**out)
+
     def to(self, device: torch.device | str) -> "OccBatch":
         out = {}
         for f in fields(self):

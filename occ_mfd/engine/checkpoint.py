@@ -5,9 +5,9 @@ tensors, plain containers and strings only, so it loads with ``torch.load(..., w
 
 ``format`` · ``step`` (updates done) · ``objective`` (state_dict of the unwrapped objective) ·
 ``optimizers`` (name → state_dict) · ``ema`` (:meth:`EMA.state_dict`, or None) · ``rng`` (one entry per
-rank: torch, numpy, python, cuda) · ``loader`` (epoch / batch within the epoch, informative: the position
-is a function of ``step``) · ``guard`` (non-finite counters) · ``config`` (resolved config text) ·
-``grid`` (``GridSpec.to_dict()`` or None) · ``git_rev`` · ``torch_version``.
+rank: torch, numpy, python and, with CUDA, every visible device's state) · ``loader`` (epoch / batch within
+the epoch, informative: the position is a function of ``step``) · ``guard`` (non-finite counters) ·
+``config`` (resolved config text) · ``grid`` (``GridSpec.to_dict()`` or None) · ``git_rev`` · ``torch_version``.
 
 Checkpoints are written by step (``ckpt_interval``), by wall time (``ckpt_minutes``) and on a stop signal
 (:mod:`occ_mfd.engine.preempt`); all are the same kind of file and ``keep`` counts them together.
@@ -78,25 +78,45 @@ def config_text(cfg: Config) -> str:
 # --------------------------------------------------------------------------------------------- RNG
 
 def get_rng_state() -> dict:
-    """RNG states of torch, numpy, python (and CUDA if available) as checkpoint-safe values."""
+    """RNG states of torch, numpy, python and, when CUDA is available, of every visible CUDA device
+    (``"cuda"``: a list, index = device index) as checkpoint-safe values. Reading a CUDA generator's state
+    (seed and offset, kept on the host) creates no context on the other devices."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(),
              "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
                        "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
              "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> str | None:
+    """Restore :func:`get_rng_state`'s output. CUDA: every device's state that this machine has (the first
+    ``min(saved, visible)`` devices; a checkpoint from an older version holds one state, that of the then current
+    device, restored to the current device). Returns a note when CUDA states could not all be restored (saved
+    without CUDA and restored with it, or the other way round, or a different device count), else None."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    saved = state.get("cuda")
+    if not torch.cuda.is_available():
+        return "the checkpoint holds CUDA RNG states; CUDA is not available here" if saved is not None else None
+    if saved is None:
+        return "the checkpoint holds no CUDA RNG state (saved without CUDA); CUDA generators keep their seeds"
+    if isinstance(saved, torch.Tensor):           # earlier checkpoints: the then current device's state
+        torch.cuda.set_rng_state(saved)
+        return None
+    visible = torch.cuda.device_count()
+    k = min(len(saved), visible)
+    if k == len(saved) == visible:
+        torch.cuda.set_rng_state_all(saved)
+        return None
+    for i in range(k):
+        torch.cuda.set_rng_state(saved[i], i)
+    return f"the checkpoint holds CUDA RNG states of {len(saved)} device(s), {visible} visible: restored {k}"
 
 
 # -------------------------------------------------------------------------------------- save / load

@@ -118,11 +118,9 @@ def train(cfg: Config | dict, work_dir: str | os.PathLike, *, device: str | torc
     cfg = cfg if isinstance(cfg, Config) else Config(cfg)
     tc = train_config(cfg)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    info = du.setup(device.type)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", info.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    # CUDA: set_device(cuda:LOCAL_RANK) before init_process_group(nccl, device_id=...), as torch documents.
+    info = du.setup(device)
+    device = info.device
     try:
         return _train(cfg, tc, Path(work_dir), device, info, resume, log.info if info.is_main else _mute, clock)
     finally:
@@ -172,7 +170,9 @@ def _train(cfg, tc, work_dir, device, info, resume, say, clock) -> TrainResult:
         step, guard = int(ckpt["step"]), dict(ckpt.get("guard", guard))
         rngs = ckpt["rng"]
         if len(rngs) == info.world_size:
-            ck.set_rng_state(rngs[info.rank])
+            note = ck.set_rng_state(rngs[info.rank])
+            if note:
+                say(f"note: {note} (resumption is not bit-exact on CUDA)")
         else:
             say(f"note: checkpoint has RNG states of {len(rngs)} rank(s), this run has {info.world_size}; "
                 f"reseeding (resumption is not bit-exact)")

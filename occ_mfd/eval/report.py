@@ -32,9 +32,14 @@ FREE_RULE = (f"free (id {FREE_ID}) is the negative class of IoU (occupied = any 
 
 def protocol_header(*, data_root, split: str | None, num_sequences: int, grid: GridSpec, past: int, future: int,
                     mask: str | None, seed: int, device, batch_size: int, models: list[dict],
-                    frame_dt_s: float = KEYFRAME_DT_S) -> dict:
+                    frame_dt_s: float = KEYFRAME_DT_S, world_size: int = 1) -> dict:
     """Everything a reader needs to reproduce the table. ``models``: one dict per model row with name,
-    snapshot, steps, sampler, shift, cfg_scale (see ``tools/eval.py``)."""
+    snapshot, steps, sampler, shift, cfg_scale (see ``tools/eval.py``). ``world_size`` > 1 (torchrun) adds
+    ``ranks`` and says that the rows' seconds are rank 0's (the metrics are those of the whole set)."""
+    sharded = {"ranks": int(world_size),
+               "sharding": "batch i on rank i mod ranks with its one-process noise seed; confusion matrices summed "
+                           "over ranks (same table as one process); seconds: rank 0's share only"} \
+        if world_size > 1 else {}
     return {
         "data_root": str(data_root), "split": split, "num_sequences": int(num_sequences),
         "grid": grid.to_dict(), "history_frames": past, "future_frames": future,
@@ -46,7 +51,7 @@ def protocol_header(*, data_root, split: str | None, num_sequences: int, grid: G
                       "mean_all": "OccFM: mean of all future frames"},
         "models": models, "seed": int(seed), "noise": "CPU generator per batch seeded seed*1000003+batch_index",
         "batch_size": int(batch_size), "device": str(device), "torch": torch.__version__,
-        "python": platform.python_version(),
+        "python": platform.python_version(), **sharded,
     }
 
 
@@ -113,7 +118,8 @@ def format_header(protocol: dict) -> str:
         lines.append(f"model     {m['name']}: {m.get('snapshot', '')}  sampler={m.get('sampler', 'euler')} "
                      f"shift α={m.get('shift')}  steps={m.get('steps')}  CFG={m.get('cfg_scale')}")
     lines.append(f"seed      {p['seed']} ({p['noise']})  batch={p['batch_size']}")
-    lines.append(f"runtime   torch {p['torch']}  device={p['device']}  python {p['python']}")
+    lines.append(f"runtime   torch {p['torch']}  device={p['device']}  python {p['python']}"
+                 + (f"  ranks={p['ranks']} (seconds: rank 0's share)" if p.get("ranks", 1) > 1 else ""))
     return "\n".join(lines)
 
 

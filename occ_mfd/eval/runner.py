@@ -3,6 +3,12 @@
 Every row sees the same batches in the same order; the noise of batch ``i`` comes from a generator seeded
 with ``seed * 1_000_003 + i`` and created afresh for each row, so a row's result depends only on the data,
 the seed and the model — not on which other rows share the run nor on the batch position of other rows.
+
+Under torchrun (a ``torch.distributed`` group exists) the batches are dealt to the ranks: batch ``i`` — the
+same sequences as batch ``i`` of a one-process run — goes to rank ``i mod world_size`` and keeps its noise
+seed, with no padding and no duplicates; the confusion matrices are then summed over the ranks, so every rank
+returns the table of one process (tested). Timings (``EvalRow.seconds``) stay per rank: each rank's own
+forecasts.
 """
 from __future__ import annotations
 
@@ -13,13 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from occ_mfd.data.records import collate_sequences
+from occ_mfd.engine import distributed as du
 from occ_mfd.eval.forecasters import Forecaster
 from occ_mfd.eval.metrics import MetricResult, OccMetrics
 from occ_mfd.grid import FREE_ID, NUM_CLASSES, GridSpec
+from occ_mfd.models.flow_map import is_flow_map
 from occ_mfd.viz.forecast_io import save_forecast
 
 
@@ -27,7 +36,8 @@ from occ_mfd.viz.forecast_io import save_forecast
 class EvalRow:
     """One evaluated row. metrics: dataset-level scores (%). nfe: network evaluations per forecast (as the
     forecaster reported; 0 for baselines). seconds: wall time spent in this row's forecasts.
-    extra: sampler settings for the report (shift, cfg_scale, checkpoint)."""
+    extra: sampler settings for the report (shift, cfg_scale, checkpoint). Under torchrun, ``seconds`` is this
+    rank's time on its own share of the batches; the metrics are those of the whole set."""
 
     name: str
     steps: int
@@ -47,6 +57,16 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.@=+-]+", "_", name)
 
 
+def shard_batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, list[int]]]:
+    """This rank's batches as (global batch index, dataset indices): global batch ``b`` holds sequences
+    ``b·batch_size … (b+1)·batch_size - 1`` (the last one may be short), exactly the batches of one process;
+    batch ``b`` goes to rank ``b mod world_size``. No padding, no duplicates: the shards partition the set."""
+    if batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"shard_batches: batch_size={batch_size}, rank={rank}, world_size={world_size}")
+    starts = range(0, n, batch_size)
+    return [(b, list(range(s, min(s + batch_size, n)))) for b, s in enumerate(starts) if b % world_size == rank]
+
+
 def run_eval(dataset: Dataset, rows: list[Forecaster], *, grid: GridSpec, batch_size: int = 1, seed: int = 0,
              device: str | torch.device = "cpu", max_sequences: int | None = None, num_workers: int = 0,
              dump_dir: str | os.PathLike | None = None, dump_count: int = 4, progress: bool = True,
@@ -55,7 +75,8 @@ def run_eval(dataset: Dataset, rows: list[Forecaster], *, grid: GridSpec, batch_
 
     The batch's ``mask_future`` (from the dataset's ``mask``) restricts the counted voxels. With ``dump_dir``,
     the first ``dump_count`` sequences of each row are written with :func:`occ_mfd.viz.forecast_io.save_forecast`
-    to ``dump_dir/<row name>@<steps>/<k>_<scene>.npz``.
+    to ``dump_dir/<row name>@<steps>/<k>_<scene>.npz`` (under torchrun by the rank that forecast them).
+    Under torchrun every rank must call this with the same arguments (see the module docstring).
     """
     if not rows:
         raise ValueError("run_eval: no rows to evaluate (give --model and/or --baseline)")
@@ -65,18 +86,21 @@ def run_eval(dataset: Dataset, rows: list[Forecaster], *, grid: GridSpec, batch_
     device = torch.device(device)
     if max_sequences is not None:
         dataset = Subset(dataset, range(min(int(max_sequences), len(dataset))))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    rank, world = (dist.get_rank(), dist.get_world_size()) if du.is_active() else (0, 1)
+    mine = shard_batches(len(dataset), batch_size, rank, world)
+    loader = DataLoader(dataset, batch_sampler=[idx for _, idx in mine], num_workers=num_workers,
                         collate_fn=collate_sequences)
     n_future = None
     metrics: list[OccMetrics] = []
     nfe = [0] * len(rows)
     seconds = [0.0] * len(rows)
-    seen = 0
-    for bi, batch in enumerate(tqdm(loader, desc=f"eval {len(rows)} row(s)", disable=not progress)):
+    show = progress and rank == 0
+    for (bi, idx), batch in zip(mine, tqdm(loader, desc=f"eval {len(rows)} row(s)", disable=not show)):
         batch = batch.to(device)
         if n_future is None:
             n_future = batch.future.shape[1]
             metrics = [OccMetrics(num_classes, free_id, horizons=n_future) for _ in rows]
+        seen = idx[0]                                               # global index of the batch's first sequence
         for ri, row in enumerate(rows):
             t0 = time.perf_counter()
             out = row(batch, generator=batch_generator(seed, bi))
@@ -87,7 +111,13 @@ def run_eval(dataset: Dataset, rows: list[Forecaster], *, grid: GridSpec, batch_
             if dump_dir is not None and seen < dump_count:
                 _dump(Path(dump_dir) / _safe(f"{row.name}@{row.steps}"), batch, pred, grid, row.name, seen,
                       dump_count)
-        seen += batch.batch_size
+    if world > 1:
+        # A rank may have had no batch (more ranks than batches): it learns the horizon count and the NFE from
+        # the others. One collective for both; every rank takes the same branch below.
+        agreed = du.all_reduce_max([float(n_future or 0)] + [float(v) for v in nfe])
+        n_future, nfe = int(agreed[0]) or None, [int(v) for v in agreed[1:]]
+        if n_future is not None and not metrics:
+            metrics = [OccMetrics(num_classes, free_id, horizons=n_future) for _ in rows]
     if not metrics:
         raise ValueError("run_eval: the dataset yielded no sequences")
     out_rows = []
@@ -95,7 +125,8 @@ def run_eval(dataset: Dataset, rows: list[Forecaster], *, grid: GridSpec, batch_
         metrics[ri].all_reduce()
         extra = {}
         if hasattr(row, "pipeline"):
-            extra = {"sampler": "euler", "shift": float(row.shift), "cfg_scale": float(row.effective_cfg)}
+            extra = {"sampler": "flow_map" if is_flow_map(row.pipeline.net) else "euler", "shift": float(row.shift),
+                     "cfg_scale": float(row.effective_cfg)}
         out_rows.append(EvalRow(row.name, int(row.steps), nfe[ri], metrics[ri].compute(), seconds[ri], extra))
     return out_rows
 

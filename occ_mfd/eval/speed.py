@@ -36,7 +36,8 @@ def synchronize(device: torch.device | str) -> None:
 
 @dataclass
 class SpeedRow:
-    """One timed configuration. Times in ms; ``stages_ms`` holds each stage's median; fps = 1000 / median."""
+    """One timed configuration. Times in ms; ``stages_ms`` holds each stage's median; fps = 1000 / median.
+    ``dtype``: the compute dtype of the row ("float32", or "bfloat16" for rows timed under bf16 autocast)."""
 
     name: str
     steps: int
@@ -49,6 +50,7 @@ class SpeedRow:
     runs: int = 0
     warmup: int = 0
     options: list[str] = field(default_factory=list)
+    dtype: str = "float32"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,7 +87,7 @@ def time_stages(stages: list[Stage], inputs: Any, *, runs: int = 50, warmup: int
 
 def measure(name: str, steps: int, nfe: int, stages: list[Stage], inputs: Any, *, runs: int = 50,
             warmup: int = 10, device="cpu", options: list[str] | None = None, progress: bool = True,
-            clock: Clock = time.perf_counter) -> SpeedRow:
+            clock: Clock = time.perf_counter, dtype: str = "float32") -> SpeedRow:
     """Time a stage chain → :class:`SpeedRow` (median / p90 end to end and per stage)."""
     e2e, per = time_stages(stages, inputs, runs=runs, warmup=warmup, device=device,
                            desc=f"bench {name}" if progress else None, clock=clock)
@@ -94,7 +96,7 @@ def measure(name: str, steps: int, nfe: int, stages: list[Stage], inputs: Any, *
                     latency_ms_p90=float(np.percentile(e2e, 90)), fps=1e3 / med if med > 0 else float("inf"),
                     stages_ms={k: float(np.median(v)) for k, v in per.items()},
                     stages_ms_p90={k: float(np.percentile(v, 90)) for k, v in per.items()},
-                    runs=runs, warmup=warmup, options=list(options or []))
+                    runs=runs, warmup=warmup, options=list(options or []), dtype=dtype)
 
 
 def speedups(rows: list[SpeedRow], reference: str) -> dict[str, float]:
@@ -148,7 +150,8 @@ def floor_stages(pipeline, batch, *, seed: int = 0, autocast: torch.dtype | None
 
 
 def runtime_info(device: torch.device | str, dtype: str = "float32") -> dict:
-    """Device name, dtype, threads and versions, printed with every table."""
+    """Device name, dtype (the rows' default; each row also records its own), threads and versions, printed
+    with every table."""
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     return {"device": str(device), "device_name": name, "dtype": dtype, "threads": torch.get_num_threads(),

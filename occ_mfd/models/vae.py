@@ -12,8 +12,9 @@ constraints on odd sizes). Optional ``stem3d_channels``: a first stage over occu
 halving Z before the fold.
 
 Sizes (measured): full ``OccVAE(grid_z=16, channels=(128, 256, 512), latent_channels=16, downsample=4)``
-= 15.94 M parameters (200×200×16 → 16×50×50); tiny ``OccVAE(grid_z=8, channels=(32, 64, 64),
-latent_channels=8, downsample=4)`` = 0.505 M (100×100×8 → 8×25×25).
+= 15.94 M parameters (200×200×16 → 16×50×50), 15.87 M with ``stem3d_channels=16`` (configs/nuscenes/vae.py);
+tiny ``OccVAE(grid_z=8, channels=(32, 64, 64), latent_channels=8, downsample=4)`` = 0.505 M (100×100×8 →
+8×25×25; no stem: on 2 CPU cores the spconv stem is not faster, see benchmarks/sparse_stem.py).
 """
 from __future__ import annotations
 
