@@ -145,7 +145,8 @@ def test_full_size_import_loads_the_ema_copy_bit_for_bit(full_hist, tmp_path):
     assert report["int_buffer_diffs_ema_vs_raw"] == {drift: 3 * 25}
     teacher = load_snapshot(out / "teacher.pt")
     assert teacher.kind == "teacher" and teacher.sampler.to_dict() == {"steps": 10, "shift": 3.0, "cfg_scale": 2.0}
-    assert teacher.latent_scale == 10.0 and teacher.data == {"pool": 1, "past": 4, "future": 6}
+    assert teacher.latent_scale == 10.0
+    assert teacher.data == {"pool": 1, "past": 4, "future": 6, "z_convention": "occ3d"}
     vae_w, net_w = teacher.weights["vae"], teacher.weights["net"]
     assert len(vae_w) == 403
     for k, v in ema.items():           # every tensor is the file's EMA copy, bit for bit (drifted buffer included)

@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--allow-convention-mismatch", action="store_true",
+                   help="evaluate even when a snapshot's training labels and --data differ in vertical convention "
+                        "(lidar vs occ3d, see occ_mfd/data/convention.py)")
     return p.parse_args(argv)
 
 
@@ -122,7 +125,8 @@ def _main(args, info: du.DistInfo) -> int:
         split = None if args.split == "all" else args.split
         dataset = OccSequenceDataset(args.data, split, past=args.past, future=args.future, pool=pool, mask=mask)
         for _, info_ in loaded.values():
-            check_compatible(info_, dataset.grid, dataset.index.classes, args.data, args.past, args.future)
+            check_compatible(info_, dataset.grid, dataset.index.classes, args.data, args.past, args.future,
+                             allow_convention_mismatch=args.allow_convention_mismatch)
         rows += [BASELINES[b](dataset.grid) for b in dict.fromkeys(args.baseline)]
         if args.recon:
             if not rows or not hasattr(rows[0], "pipeline"):

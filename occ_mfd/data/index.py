@@ -3,6 +3,7 @@
 Layout (extra keys are allowed anywhere and kept in ``extra``)::
 
     {"grid": GridSpec.to_dict(), "classes": [...18 names...], "free_id": 17, "source": {...},
+     "z_convention": "lidar" | "occ3d" (optional; see occ_mfd.data.convention),
      "scenes": [{"name": str, "split": str,
                  "frames": [{"token": str, "timestamp": int (µs), "ego2global": 4×4 list,
                              "lidar2ego": 4×4 list (optional)}, ...]}]}

@@ -123,7 +123,8 @@ def build_occ3d_index(occ3d_root: str | os.PathLike,
             scenes.append(SceneEntry(name, splits[name], entries))
     bar.close()
     src = {**(source or {}), "type": "occ3d", "occ3d_root": str(root.resolve())}
-    return DatasetIndex(grid, scenes, src), report
+    # Occ3D's released labels draw the road at the grid floor and fill objects down to it (data/convention.py)
+    return DatasetIndex(grid, scenes, src, extra={"z_convention": "occ3d"}), report
 
 
 @dataclass

@@ -5,6 +5,12 @@ Parallel over scenes (one worker process accumulates a scene once and writes all
 (a frame whose file exists and validates is skipped; writes are atomic, stale temp files are removed),
 shardable (``shard=(k, n)``: scenes ``i`` with ``i % n == k`` of the sorted scene list; each shard writes
 ``index.shard-k-of-n.json``; when all ``n`` exist they are merged into ``index.json``).
+
+Hills: nuScenes ego poses lack z, pitch and roll; before accumulating, each scene's vertical pose is
+recovered by ground registration (``vertical``: "auto" applies it where the scene is not level, see
+:mod:`occ_mfd.data.occupancy.vertical`). Vertical convention: ``z_convention`` "lidar" (faithful, default) or
+"occ3d" (Occ3D's: ground at the grid floor, objects filled down; :func:`occ_mfd.data.convention.to_occ3d`),
+recorded as ``index.json``'s top-level ``z_convention``; resuming into a folder of the other convention is refused.
 """
 from __future__ import annotations
 
@@ -19,11 +25,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from occ_mfd.data.convention import LIDAR, OCC3D, check_name, index_convention, to_occ3d
 from occ_mfd.data.index import DatasetIndex, FrameEntry, SceneEntry, load_index, merge_indexes, save_index
 from occ_mfd.data.nuscenes import NuScenesSource, SceneRecord
 from occ_mfd.data.occ3d import labels_path, read_labels, write_labels
 from occ_mfd.data.occupancy.accumulate import AccumulatorConfig, accumulate_scene
 from occ_mfd.data.occupancy.generate import FrameConfig, keyframe_occupancy
+from occ_mfd.data.occupancy.vertical import VerticalConfig, level_scene
 from occ_mfd.data.worker_pool import imap_unordered
 from occ_mfd.grid import OCC3D_GRID, GridSpec
 
@@ -42,6 +50,15 @@ class PrepareConfig:
     use_sweeps: bool = True
     box_margin: float = 0.2
     nn_max_dist: float = 1.0
+    vertical: str = "auto"
+    z_convention: str = LIDAR
+
+    def __post_init__(self):
+        VerticalConfig(mode=self.vertical)          # validates the mode
+        check_name(self.z_convention)
+
+    def vertical_cfg(self) -> VerticalConfig:
+        return VerticalConfig(mode=self.vertical)
 
     def frame_cfg(self) -> FrameConfig:
         return FrameConfig(grid=self.grid, window=self.window, ray_window=self.ray_window)
@@ -59,6 +76,7 @@ class SceneResult:
     skipped: int = 0
     bad: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    vertical: dict | None = None
 
 
 def shard_scenes(names: list[str], shard: tuple[int, int] | None) -> list[str]:
@@ -110,10 +128,17 @@ def prepare_scene(src: NuScenesSource, name: str, out: Path, cfg: PrepareConfig,
         if todo:
             on_bad = (lambda e: res.bad.append(str(e))) if skip_bad else None
             boxes_of = lambda sw, kf: src.boxes(sw.token)
-            cloud = accumulate_scene(scene, boxes_of, cfg.acc_cfg(), on_bad=on_bad)
+            # bad sweeps are reported once, by the accumulation below
+            leveled, boxes_of, fit = level_scene(scene, boxes_of, cfg.vertical_cfg(),
+                                                 on_bad=(lambda e: None) if skip_bad else None)
+            if cfg.vertical != "off":
+                res.vertical = fit.summary()
+            cloud = accumulate_scene(leveled, boxes_of, cfg.acc_cfg(), on_bad=on_bad)
             fcfg = cfg.frame_cfg()
             for k in todo:
-                frame = keyframe_occupancy(cloud, scene.keyframes[k], k, fcfg)
+                frame = keyframe_occupancy(cloud, leveled.keyframes[k], k, fcfg)
+                if cfg.z_convention == OCC3D:
+                    frame = to_occ3d(frame, cfg.grid)
                 write_labels(labels_path(out, name, scene.keyframes[k].token), frame, cfg.grid)
                 res.written += 1
         res.entry = scene_entry(scene)
@@ -139,7 +164,21 @@ def source_dict(src: NuScenesSource, cfg: PrepareConfig) -> dict:
             "window": cfg.window, "ray_window": cfg.ray_window, "use_sweeps": cfg.use_sweeps,
             "box_margin": cfg.box_margin, "nn_max_dist": cfg.nn_max_dist, "lidarseg": src.has_lidarseg,
             "fill_ground": cfg.frame_cfg().fill_ground, "dedup_m": cfg.acc_cfg().dedup,
-            "ego_box": [list(v) for v in cfg.acc_cfg().ego_box]}
+            "ego_box": [list(v) for v in cfg.acc_cfg().ego_box], "vertical": cfg.vertical}
+
+
+def check_resume_convention(out, cfg: PrepareConfig) -> None:
+    """Refuse to add labels of one vertical convention to a folder whose index says the other."""
+    out = Path(out)
+    for p in [out / "index.json", *sorted(out.glob("index.shard-*-of-*.json"))]:
+        if p.is_file():
+            try:
+                have = index_convention(load_index(p))
+            except ValueError:      # unreadable: this run rewrites it anyway
+                continue
+            if have is not None and have != cfg.z_convention:
+                raise ValueError(f"{p}: these labels are z-convention {have!r}; refusing to add "
+                                 f"{cfg.z_convention!r} labels to them (use another --out, or --z-convention {have})")
 
 
 def run_prepare(dataroot, version, out, cfg: PrepareConfig = PrepareConfig(), scenes: list[str] | None = None,
@@ -147,6 +186,7 @@ def run_prepare(dataroot, version, out, cfg: PrepareConfig = PrepareConfig(), sc
                 progress: bool = True, src: NuScenesSource | None = None) -> dict:
     """Run (or resume) the job; returns counts. Writes ``index.json`` (or the shard's partial index)."""
     out = Path(out)
+    check_resume_convention(out, cfg)
     src = src or NuScenesSource(dataroot, version)
     all_names = src.scene_names()
     if scenes:
@@ -175,7 +215,8 @@ def run_prepare(dataroot, version, out, cfg: PrepareConfig = PrepareConfig(), sc
     bad = [b for r in results for b in r.bad]
     for b in bad:
         log.warning("skipped bad input: %s", b)
-    idx = DatasetIndex(cfg.grid, [r.entry for r in results if r.entry is not None], source_dict(src, cfg))
+    idx = DatasetIndex(cfg.grid, [r.entry for r in results if r.entry is not None], source_dict(src, cfg),
+                       extra={"z_convention": cfg.z_convention})
     if shard is None:
         save_index(out, idx)
     else:
@@ -183,7 +224,8 @@ def run_prepare(dataroot, version, out, cfg: PrepareConfig = PrepareConfig(), sc
         save_index(out, idx, f"index.shard-{k}-of-{n}.json")
         merge_shards(out, n)
     return {"scenes": len(names), "written": sum(r.written for r in results),
-            "skipped": sum(r.skipped for r in results), "bad": len(bad), "bad_messages": bad}
+            "skipped": sum(r.skipped for r in results), "bad": len(bad), "bad_messages": bad,
+            "vertical": {r.name: r.vertical for r in results if r.vertical is not None}}
 
 
 def merge_shards(out, n: int) -> bool:
@@ -207,7 +249,8 @@ def dry_run(dataroot, version, cfg: PrepareConfig = PrepareConfig(), scenes=None
     total = sum(nkf[n] for n in names)
     scene = src.scene(names[0])
     t0 = time.perf_counter()
-    cloud = accumulate_scene(scene, lambda sw, kf: src.boxes(sw.token), cfg.acc_cfg())
+    scene, boxes_of, _ = level_scene(scene, lambda sw, kf: src.boxes(sw.token), cfg.vertical_cfg())
+    cloud = accumulate_scene(scene, boxes_of, cfg.acc_cfg())
     t_acc = time.perf_counter() - t0
     t0 = time.perf_counter()
     frame = keyframe_occupancy(cloud, scene.keyframes[0], 0, cfg.frame_cfg())

@@ -43,6 +43,7 @@ from mmengine.config import Config
 from torch.nn.parallel import DistributedDataParallel
 
 from occ_mfd.builder import build, resolve_type, to_plain
+from occ_mfd.data.convention import index_convention
 from occ_mfd.engine import checkpoint as ck
 from occ_mfd.engine import distributed as du
 from occ_mfd.engine.data_loader import StepLoader
@@ -201,6 +202,9 @@ def _train(cfg, tc, work_dir, device, info, resume, say, clock) -> TrainResult:
            else contextlib.nullcontext())
     last_ckpt = latest if ckpt is not None else None
     grid = _grid_dict(dataset, cfg)
+    # The vertical convention of the training labels goes into the snapshot, so eval can refuse data of the
+    # other one (occ_mfd/data/convention.py); None when the dataset does not say.
+    z_convention = index_convention(dataset.index) if hasattr(dataset, "index") else None
     _check_source_grid(objective, grid, cfg)
     writes_snapshot = objective.inference_parts() is not None
     # No model.train() here: modules are built in train mode, and objectives keep frozen networks (MFD's
@@ -259,7 +263,8 @@ def _train(cfg, tc, work_dir, device, info, resume, say, clock) -> TrainResult:
                 say(f"{signal_name(signum)} received: step {step} done, writing a checkpoint before stopping "
                     f"(the same signal again, {REPEAT_WINDOW_S:g} s or more later, exits at once without one)")
             if step % int(tc["ckpt_interval"]) == 0 or step == max_steps or time_due or signum:
-                last_ckpt = _save(work_dir, step, objective, opts, ema, guard, loader, cfg, grid, info, tc)
+                last_ckpt = _save(work_dir, step, objective, opts, ema, guard, loader, cfg, grid, info, tc,
+                                  z_convention)
                 last_save = clock()
                 why = "" if step % int(tc["ckpt_interval"]) == 0 or step == max_steps else (
                     f" (stop requested by {signal_name(signum)})" if signum else
@@ -280,7 +285,7 @@ def _restore_snapshot(latest: Path, ckpt: dict, work_dir: Path, say) -> None:
     checkpoint's EMA weights, so the next stage and eval find it."""
     objective = ck.build_objective_from_checkpoint(latest, use_ema=True)   # EMA weights swapped in
     snapshot = _snapshot(objective, None, int(ckpt["step"]), ck.load_config_from_checkpoint(ckpt), ckpt.get("grid"),
-                         str(ckpt.get("git_rev", "unknown")))
+                         str(ckpt.get("git_rev", "unknown")), ckpt.get("z_convention"))
     if snapshot is not None:
         say(f"wrote the missing {save_snapshot(snapshot, work_dir / SNAPSHOT)} from {latest}")
 
@@ -303,7 +308,7 @@ def _portable(cfg: Config, objective) -> Config:
     return out
 
 
-def _save(work_dir, step, objective, opts, ema, guard, loader, cfg, grid, info, tc) -> Path:
+def _save(work_dir, step, objective, opts, ema, guard, loader, cfg, grid, info, tc, z_convention=None) -> Path:
     rngs = du.all_gather_object(ck.get_rng_state())  # every rank's RNG, so a DDP resume is exact too
     path = work_dir / ck.ckpt_name(step)
     if info.is_main:
@@ -314,18 +319,19 @@ def _save(work_dir, step, objective, opts, ema, guard, loader, cfg, grid, info, 
                  "loader": {"epoch": epoch, "batch_in_epoch": b, "batches_per_epoch": loader.batches_per_epoch},
                  "guard": dict(guard), "config": ck.config_text(cfg), "grid": grid,
                  "git_rev": ck.git_revision(), "torch_version": str(torch.__version__),
-                 "world_size": info.world_size}
+                 "world_size": info.world_size, "z_convention": z_convention}
         path = ck.save_checkpoint(state, work_dir, keep=int(tc["keep_ckpts"]))
-        snapshot = _snapshot(objective, ema, step, cfg, grid, state["git_rev"])
+        snapshot = _snapshot(objective, ema, step, cfg, grid, state["git_rev"], z_convention)
         if snapshot is not None:
             save_snapshot(snapshot, work_dir / SNAPSHOT)
     du.barrier()
     return path
 
 
-def _snapshot(objective, ema, step, cfg, grid, git_rev) -> Snapshot | None:
+def _snapshot(objective, ema, step, cfg, grid, git_rev, z_convention=None) -> Snapshot | None:
     """The inference snapshot: each module the objective names, with its EMA weights where the loop keeps an
-    EMA of that very module, else its live weights (e.g. the frozen VAE, already an EMA of its own stage)."""
+    EMA of that very module, else its live weights (e.g. the frozen VAE, already an EMA of its own stage).
+    ``z_convention``: the training labels' vertical convention, recorded in ``data`` when known."""
     parts = objective.inference_parts()
     if parts is None:
         return None
@@ -333,5 +339,6 @@ def _snapshot(objective, ema, step, cfg, grid, git_rev) -> Snapshot | None:
     data = to_plain(cfg.get("data", None) or {})
     return snapshot_from_parts(parts, lambda m: ema_of.get(id(m), m.state_dict()), grid=grid,
                                data={"pool": int(data.get("pool", 1)), "past": int(data.get("past", 4)),
-                                     "future": int(data.get("future", 6))},
+                                     "future": int(data.get("future", 6)),
+                                     **({"z_convention": z_convention} if z_convention else {})},
                                step=step, config=ck.config_text(cfg), git_rev=git_rev)

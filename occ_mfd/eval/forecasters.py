@@ -3,6 +3,8 @@
 * :class:`~occ_mfd.models.pipeline.Forecast`: ``classes`` (B, F, X, Y, Z) integer ids and ``nfe``.
 * :class:`PipelineForecaster`: an :class:`~occ_mfd.models.pipeline.OccForecastPipeline` at fixed steps/CFG.
 * :func:`load_forecaster`: a stage's inference snapshot → ``(pipeline, ForecasterInfo)``.
+* :func:`check_compatible`: refuses a snapshot whose grid, classes, horizons — or vertical convention of its
+  training labels (``occ_mfd.data.convention``) — differ from the evaluation data's.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from occ_mfd.data.convention import check_conventions, folder_convention, snapshot_convention
 from occ_mfd.grid import GridSpec
 from occ_mfd.models.flow_map import is_flow_map
 from occ_mfd.models.pipeline import Forecast, OccForecastPipeline
@@ -33,6 +36,8 @@ class ForecasterInfo:
     None. pool/past/future: the training data's. steps/shift/cfg_scale: the sampler defaults.
     num_classes: the decoder's classes. step: training steps behind the weights. flow_map: the network is a
     two-time flow map behind its endpoint (``models.flow_map.FlowMapEndpoint``; steps = 1 samples it exactly).
+    z_convention: the vertical convention of the labels it was trained on ("lidar"/"occ3d"), None when unknown
+    (``occ_mfd.data.convention.snapshot_convention``).
     """
 
     path: str
@@ -48,6 +53,7 @@ class ForecasterInfo:
     step: int = 0
     git_rev: str = "unknown"
     flow_map: bool = False
+    z_convention: str | None = None
 
 
 class PipelineForecaster:
@@ -87,13 +93,17 @@ def load_forecaster(path: str | os.PathLike, device: str | torch.device = "cpu")
         pool=int(snap.data.get("pool", 1)), past=int(snap.data.get("past", 4)),
         future=int(snap.data.get("future", 6)), steps=pipeline.steps, shift=pipeline.shift,
         cfg_scale=pipeline.cfg_scale, num_classes=pipeline.codec.vae.num_classes, step=snap.step,
-        git_rev=snap.git_rev, flow_map=flow_map)
+        git_rev=snap.git_rev, flow_map=flow_map,
+        z_convention=snapshot_convention(snap.data, snap.git_rev, snap.config))
     return pipeline.to(device).eval(), info
 
 
 def check_compatible(info: ForecasterInfo, data_grid: GridSpec, data_classes: list[str], data_root, past: int,
-                     future: int) -> None:
-    """Raise ValueError naming the snapshot and the data when grids, classes or horizons disagree."""
+                     future: int, *, data_convention: str | None = None,
+                     allow_convention_mismatch: bool = False) -> None:
+    """Raise ValueError naming the snapshot and the data when grids, classes or horizons disagree, or when the
+    snapshot's training labels and the data are of different vertical conventions (``data_convention``; None:
+    read from ``data_root``'s index.json) unless ``allow_convention_mismatch``. An unknown side is not refused."""
     if info.grid is not None and info.grid != data_grid:
         try:
             data_grid.check_same(info.grid, f"snapshot {info.path} vs data {data_root}")
@@ -106,6 +116,14 @@ def check_compatible(info: ForecasterInfo, data_grid: GridSpec, data_classes: li
     if (info.past, info.future) != (past, future):
         raise ValueError(f"snapshot {info.path}: trained with past={info.past}, future={info.future}; "
                          f"the evaluation uses past={past}, future={future} on {data_root}")
+    if data_convention is None:
+        try:
+            data_convention = folder_convention(data_root)
+        except (OSError, ValueError):
+            data_convention = None
+    check_conventions(getattr(info, "z_convention", None), data_convention,
+                      f"snapshot {info.path} (trained on such labels)", f"ground truth {data_root}",
+                      allow=allow_convention_mismatch)
 
 
 @dataclass

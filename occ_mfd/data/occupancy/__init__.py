@@ -1,6 +1,10 @@
 """LiDAR sweeps → semantic occupancy in the Occ3D layout (one keyframe at a time, in its ego frame).
 
-Pipeline (``accumulate.py`` once per scene, ``generate.py`` per keyframe):
+Pipeline (``vertical.py`` and ``accumulate.py`` once per scene, ``generate.py`` per keyframe):
+
+0. nuScenes ego poses have no z, pitch or roll: on hills the scene's vertical poses are first recovered by
+   registering each sweep's ground to the scene's ground map (``vertical.py``; ``prepare --vertical``),
+   and the corrected poses are used below; level scenes keep their written poses.
 
 1. Every LIDAR_TOP sweep (keyframes and the sweeps between them) is read; the ego vehicle's own returns
    are dropped per sweep: the points inside ``occ_mfd.ego.NUSCENES_EGO.removal_box`` (``points.EGO_BOX``;
@@ -26,4 +30,7 @@ Reproduce the label quality numbers (synthetic world with exact truth)::
     python tools/make_synthetic.py --out /tmp/w --scenes 2 --keyframes 12 --sweeps-per-keyframe 2 --seed 0 --truth
     python tools/prepare_data.py --dataroot /tmp/w --version v1.0-synth --out /tmp/o
     python tools/prepare_data.py quality /tmp/o --truth /tmp/w/truth
+
+and on hills (``--terrain hills``; before/after: ``benchmarks/vertical_study.py``). Labels are written in the
+``lidar`` vertical convention unless ``--z-convention occ3d`` (``occ_mfd.data.convention.to_occ3d``).
 """

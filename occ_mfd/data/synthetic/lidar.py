@@ -1,8 +1,10 @@
 """A Velodyne HDL-32E-like LIDAR_TOP: a vectorised numpy ray caster over the world's primitives.
 
 32 rings with elevations linearly spaced over [−30.67°, +10.67°] (ring 0 = lowest, as in nuScenes),
-``azimuth_steps`` rays per ring (nuScenes: 1084). A ray returns the nearest hit among the ground plane
-z = 0 (class from the town raster), boxes, cylinders and spheres; rays with no hit within ``max_range``
+``azimuth_steps`` rays per ring (nuScenes: 1084). A ray returns the nearest hit among the ground (the plane
+z = 0, or the hills' height field ``Scene.terrain``; class from the town raster), boxes, cylinders, spheres
+and ``Scene.local_boxes`` (solids given in another frame, e.g. the ego body in the tilted ego frame on
+hills, where a world-upright box would not ride with the car); rays with no hit within ``max_range``
 (sky) or a hit closer than ``min_range`` return nothing. The whole spin is cast from one pose: motion
 during the 50 ms spin is ignored (nuScenes' ego-motion de-skewing would undo most of it anyway).
 
@@ -54,12 +56,18 @@ class LidarModel:
 
 @dataclass
 class Scene:
-    """What one spin sees: static and dynamic primitives (global frame) and a ground-class lookup."""
+    """What one spin sees: static and dynamic primitives (global frame) and a ground-class lookup.
+
+    ``terrain``: a ``terrain.Terrain`` (None or flat: the plane z = 0). ``local_boxes``: boxes given in the
+    frame ``sensor2local`` maps the sensor into (both or neither)."""
 
     boxes: Boxes
     cylinders: Cylinders
     spheres: Spheres
     ground_class: object  # callable (N, 2) xy → (N,) uint8
+    terrain: object = None
+    local_boxes: Boxes | None = None
+    sensor2local: np.ndarray | None = None
 
 
 def _box_angles(g2s: np.ndarray, boxes: Boxes):
@@ -145,17 +153,24 @@ def cast(model: LidarModel, sensor2global: np.ndarray, scene: Scene, rng: np.ran
     n_rays = len(d_s)
     t_best = np.full(n_rays, np.inf)
     lab = np.zeros(n_rays, np.uint8)
-    # Ground plane z = 0.
-    down = d_g[:, 2] < -1e-9
-    t_best[down] = -o[2] / d_g[down, 2]
-    for prims, fn in ((scene.boxes, ray_box), (scene.cylinders, ray_cylinder), (scene.spheres, ray_sphere)):
+    if scene.terrain is None or scene.terrain.is_flat:  # ground plane z = 0
+        down = d_g[:, 2] < -1e-9
+        t_best[down] = -o[2] / d_g[down, 2]
+    else:
+        t_best = scene.terrain.intersect(o, d_g, model.max_range + 1.0)
+    passes = [(prims, fn, sensor2global, o, d_g) for prims, fn in
+              ((scene.boxes, ray_box), (scene.cylinders, ray_cylinder), (scene.spheres, ray_sphere))]
+    if scene.local_boxes is not None and len(scene.local_boxes):
+        s2l = scene.sensor2local
+        passes.append((scene.local_boxes, ray_box, s2l, s2l[:3, 3], d_s @ s2l[:3, :3].T))
+    for prims, fn, s2f, o_f, d_f in passes:
         if len(prims) == 0:
             continue
-        az = _box_angles(np.linalg.inv(sensor2global), prims) if isinstance(prims, Boxes) else None
-        ray, prim = _candidate_pairs(model, sensor2global, *prims.bounding_spheres(), az)
+        az = _box_angles(np.linalg.inv(s2f), prims) if isinstance(prims, Boxes) else None
+        ray, prim = _candidate_pairs(model, s2f, *prims.bounding_spheres(), az)
         if len(ray) == 0:
             continue
-        t = fn(o, d_g[ray], prims, prim)
+        t = fn(o_f, d_f[ray], prims, prim)
         hit = t < t_best[ray]
         ray, prim, t = ray[hit], prim[hit], t[hit]
         order = np.lexsort((t, ray))                                    # nearest hit per ray first

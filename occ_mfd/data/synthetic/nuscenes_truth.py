@@ -3,7 +3,9 @@
     <truth_root>/gts/<scene_name>/<sample_token>/labels.npz   semantics, mask_lidar, mask_camera (X, Y, Z) uint8
     <truth_root>/index.json                                    grid, classes, free id, source, scenes → frames
 
-Masks are all ones: the truth is known everywhere. ``labels.npz`` is written with fixed zip timestamps
+Masks are all ones: the truth is known everywhere. The labels are in each keyframe's *true* ego frame
+(ground at z = 0 under the car, tilted with it on hills); ``ego2global`` in the index is the written 2-D
+pose (as in the dataroot's ``ego_pose``), and on hills ``ego2global_true`` holds the true 3-D one. ``labels.npz`` is written with fixed zip timestamps
 (``np.savez`` stamps the current time), so the same truth gives byte-identical files.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from occ_mfd.grid import FREE_ID, NUM_CLASSES, OCC3D_CLASSES, OCC3D_GRID, GridSpec
+from occ_mfd.data.synthetic.nuscenes_writer import is_planar, planar_pose
 from occ_mfd.data.synthetic.scene import SimScene
 
 
@@ -53,12 +56,18 @@ class TruthWriter:
             ones = np.ones(self.grid.shape, np.uint8)
             save_npz_deterministic(self.root / "gts" / scene.name / tok / "labels.npz",
                                    semantics=sem, mask_lidar=ones, mask_camera=ones)
-            frames.append({"token": tok, "timestamp": int(sw.timestamp),
-                           "ego2global": np.asarray(sw.ego2global, dtype=np.float64).tolist()})
-        self.scenes.append({"name": scene.name, "split": scene.split, "frames": frames})
+            fr = {"token": tok, "timestamp": int(sw.timestamp),
+                  "ego2global": np.asarray(planar_pose(sw.ego2global), dtype=np.float64).tolist()}
+            if not is_planar(sw.ego2global):
+                fr["ego2global_true"] = np.asarray(sw.ego2global, dtype=np.float64).tolist()
+            frames.append(fr)
+        entry = {"name": scene.name, "split": scene.split, "frames": frames}
+        if scene.terrain is not None:
+            entry["terrain"] = scene.terrain
+        self.scenes.append(entry)
 
     def finish(self) -> None:
         index = {"grid": self.grid.to_dict(), "classes": list(OCC3D_CLASSES), "free_id": FREE_ID,
-                 "source": self.source, "scenes": self.scenes}
+                 "z_convention": "lidar", "source": self.source, "scenes": self.scenes}
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "index.json").write_text(json.dumps(index, indent=1))

@@ -18,6 +18,14 @@ annotation categories must be among ``LIDARSEG_CLASSES``. There are no cameras, 
 
 Tokens are md5 hex digests (32 hex characters, like nuScenes') of a stable key (``salt``, table,
 scene name, index), so the same scenes and salt give a byte-identical world.
+
+Poses: nuScenes localises in 2-D (every ``ego_pose`` has z = 0 and a yaw-only rotation) although the car
+climbs and tilts. The simulator hands over true 3-D poses; ``ego_pose`` rows get :func:`planar_pose` of
+them (x, y and the heading's yaw kept; z, pitch and roll dropped). The points stay in the sensor frame
+as the true geometry produced them. Each keyframe's annotations are re-expressed so they keep their place
+*relative to that keyframe's ego* (global_written = planar(T_k) · T_k⁻¹ · global_true, yaw-only boxes):
+a box then contains its object's points when they are mapped through the written pose, as the pipeline
+and the devkit map them. On the flat world both are the identity, bit for bit.
 """
 from __future__ import annotations
 
@@ -82,6 +90,25 @@ def attribute_names(agent: SimAgent, moving: bool) -> list[str]:
     if cat.startswith("human.pedestrian."):
         return ["pedestrian.moving" if moving else "pedestrian.standing"]
     return []
+
+
+def is_planar(pose: np.ndarray) -> bool:
+    """Whether a (4, 4) pose already is a nuScenes one: z = 0 and a rotation about +z only (exactly)."""
+    m = np.asarray(pose, dtype=np.float64)
+    return bool(m[2, 3] == 0.0 and m[2, 2] == 1.0 and not m[2, :2].any() and not m[:2, 2].any())
+
+
+def planar_pose(pose: np.ndarray) -> np.ndarray:
+    """What nuScenes' 2-D localisation records of a true pose: same x, y, yaw of the heading (the forward
+    axis's horizontal direction), z = 0, no pitch or roll. Planar poses are returned unchanged (same object)."""
+    m = np.asarray(pose, dtype=np.float64)
+    if is_planar(m):
+        return m
+    yaw = np.arctan2(m[1, 0], m[0, 0])
+    out = np.eye(4)
+    out[:2, :2] = [[np.cos(yaw), -np.sin(yaw)], [np.sin(yaw), np.cos(yaw)]]
+    out[:2, 3] = m[:2, 3]
+    return out
 
 
 def _vec(a) -> list[float]:
@@ -152,7 +179,7 @@ class _Tables:
                 "scene_token": scene_tok})
         for i, sw in enumerate(sweeps):
             self._add_sweep(scene, sw, i, sd_toks, sample_toks[owner[i]], cs_tok, logfile)
-        self._add_agents(scene, sample_toks)
+        self._add_agents(scene, sample_toks, [sweeps[i].ego2global for i in keys])
         self.rows["scene"].append({"token": scene_tok, "log_token": log_tok, "nbr_samples": len(keys),
                                    "first_sample_token": sample_toks[0], "last_sample_token": sample_toks[-1],
                                    "name": n, "description": scene.description})
@@ -178,7 +205,7 @@ class _Tables:
         rel = f"{folder}/{CHANNEL}/{logfile}__{CHANNEL}__{int(sw.timestamp)}.pcd.bin"
         _write_bytes(self.out / rel, pts.astype("<f4").tobytes())
         tok = sd_toks[i]
-        pose = np.asarray(sw.ego2global, dtype=np.float64)
+        pose = planar_pose(sw.ego2global)
         # nuScenes keeps one ego_pose per sample_data, sharing its token.
         self.rows["ego_pose"].append({"token": tok, "timestamp": int(sw.timestamp),
                                       "rotation": matrix_to_quat_wxyz(pose[:3, :3]), "translation": _vec(pose[:3, 3])})
@@ -199,8 +226,11 @@ class _Tables:
             # The community reads nusc.get('lidarseg', sample_data_token): the token equals the sample_data's.
             self.rows["lidarseg"].append({"token": tok, "sample_data_token": tok, "filename": seg})
 
-    def _add_agents(self, scene: SimScene, sample_toks: list[str]) -> None:
+    def _add_agents(self, scene: SimScene, sample_toks: list[str], key_poses: list | None = None) -> None:
         n = scene.name
+        # true global → written global per keyframe (identity where the pose is planar already)
+        to_written = [None if p is None or is_planar(p) else planar_pose(p) @ np.linalg.inv(p)
+                      for p in (key_poses or [None] * len(sample_toks))]
         for a, agent in enumerate(scene.agents):
             if agent.category not in self.cat_token:
                 raise ValueError(f"scene {n} agent {a}: category {agent.category!r} is not a nuScenes-lidarseg class")
@@ -213,12 +243,18 @@ class _Tables:
             ann_toks = [self.tok("sample_annotation", n, a, k) for k in ks]
             for j, k in enumerate(ks):
                 st = agent.states[k]
+                center, yaw = st.center, float(st.yaw)
+                if k < len(to_written) and to_written[k] is not None:
+                    w = to_written[k]
+                    center = w[:3, :3] @ np.asarray(center, float) + w[:3, 3]
+                    head = w[:3, :3] @ np.array([np.cos(yaw), np.sin(yaw), 0.0])
+                    yaw = float(np.arctan2(head[1], head[0]))
                 self.rows["sample_annotation"].append({
                     "token": ann_toks[j], "sample_token": sample_toks[k], "instance_token": inst_tok,
                     "visibility_token": visibility_token(int(st.num_lidar_pts)),
                     "attribute_tokens": [self.attr_token[x] for x in attribute_names(agent, bool(st.moving))],
-                    "translation": _vec(st.center), "size": _vec(agent.size),
-                    "rotation": yaw_to_quat_wxyz(float(st.yaw)),
+                    "translation": _vec(center), "size": _vec(agent.size),
+                    "rotation": yaw_to_quat_wxyz(yaw),
                     "prev": ann_toks[j - 1] if j > 0 else "", "next": ann_toks[j + 1] if j + 1 < len(ks) else "",
                     "num_lidar_pts": int(st.num_lidar_pts), "num_radar_pts": 0})
             self.rows["instance"].append({"token": inst_tok, "category_token": self.cat_token[agent.category],

@@ -23,7 +23,8 @@ class SimSweep:
 
     Attributes:
         timestamp: microseconds (nuScenes convention).
-        ego2global: (4, 4) ego pose at ``timestamp``.
+        ego2global: (4, 4) true ego pose at ``timestamp`` (on hills with z, pitch and roll; the writer keeps
+            only x, y and yaw, like nuScenes' 2-D localisation).
         points: (N, 5) float32 (x, y, z, intensity, ring) in the **sensor** frame.
         labels: (N,) uint8 nuScenes-lidarseg indices (0..31); written for keyframes only.
         is_key: whether this sweep is a keyframe (a nuScenes sample, 2 Hz).
@@ -38,7 +39,8 @@ class SimSweep:
 
 @dataclass
 class SimAgentState:
-    """An agent's box at one keyframe, global frame. ``yaw`` about +z; ``num_lidar_pts`` in the keyframe sweep."""
+    """An agent's box at one keyframe, true global frame (the writer re-expresses it against the keyframe's
+    written 2-D pose). ``yaw`` about +z; ``num_lidar_pts`` in the keyframe sweep."""
 
     center: np.ndarray  # (3,) box centre
     yaw: float
@@ -75,6 +77,7 @@ class SimScene:
     split: str  # "train" or "val"
     map_png: np.ndarray | None = None  # (H, W) uint8 semantic map raster of the town, for maps/
     truth: list[np.ndarray] | None = None  # per keyframe (X, Y, Z) uint8 Occ3D semantics, if asked
+    terrain: dict | None = None  # hills: ``Terrain.describe()`` (None: the flat world)
 
     @property
     def keyframes(self) -> list[SimSweep]:

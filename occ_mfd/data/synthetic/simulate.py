@@ -2,6 +2,12 @@
 
 Timeline: keyframes every 0.5 s (2 Hz); ``sweeps_per_keyframe`` = S spins per keyframe interval, the
 keyframe being the first of them, so a scene of K keyframes has (K − 1)·S + 1 spins, 0.5/S s apart.
+
+Terrain (``terrain="flat"`` by default, or ``"hills"``, see :mod:`.terrain`): on hills the town is draped on
+the height field, every agent stands on it (upright box, bottom at the ground under its centre), the ego
+rides it with its true 3-D pose (z, pitch, roll: ``SimSweep.ego2global``) and the LiDAR and the truth see
+that true geometry; the nuScenes writer then drops z, pitch and roll from the ego poses it writes, as
+nuScenes' 2-D localisation does. The flat world is simulated exactly as before (same bytes).
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from occ_mfd.data.synthetic.agents import DT, Track, drive, lane_route, nearest_
 from occ_mfd.data.synthetic.geometry import Boxes, concat_boxes, inside_boxes, make_boxes
 from occ_mfd.data.synthetic.lidar import EGO_LABEL, LidarModel, Scene, cast
 from occ_mfd.data.synthetic.scene import SimAgent, SimAgentState, SimLidarCalib, SimScene, SimSweep
+from occ_mfd.data.synthetic.terrain import FLAT, drape, make_terrain
 from occ_mfd.data.synthetic.town import Town, build_town, sample_size
 from occ_mfd.data.synthetic.truth import occupancy
 from occ_mfd.ego import NUSCENES_EGO
@@ -133,7 +140,7 @@ def _populate(town: Town, ego: Track, tf: np.ndarray, rng: np.random.Generator, 
     return out
 
 
-def _boxes_at(objs, t: float) -> Boxes:
+def _boxes_at(objs, t: float, terrain=None) -> Boxes:
     parts = []
     for cat, size, tr, static in objs:
         if tr is None:
@@ -141,14 +148,16 @@ def _boxes_at(objs, t: float) -> Boxes:
         else:
             p, y, _ = tr.pose(t)
             xy, yaw = p[0], y[0]
-        parts.append(make_boxes([xy[0], xy[1], size[2] / 2], size, yaw, LIDARSEG_CLASSES.index(cat)))
+        z = size[2] / 2 if terrain is None else float(terrain.height(np.asarray(xy, float))) + size[2] / 2
+        parts.append(make_boxes([xy[0], xy[1], z], size, yaw, LIDARSEG_CLASSES.index(cat)))
     return concat_boxes(parts)
 
 
 def simulate_scene(name: str, *, seed: int, num_keyframes: int, sweeps_per_keyframe: int, split: str,
                    with_truth: bool = False, grid: GridSpec = OCC3D_GRID,
-                   start_timestamp: int = 1_600_000_000_000_000, progress: bool = False) -> SimScene:
-    """Simulate one scene of its own seeded town.
+                   start_timestamp: int = 1_600_000_000_000_000, progress: bool = False,
+                   terrain: str = FLAT) -> SimScene:
+    """Simulate one scene of its own seeded town (``terrain``: "flat" or "hills", see the module docstring).
 
     ``map_png`` is the town's ground raster: (4000, 4000) uint8 lidarseg ids (24 driveable, 25 flat.other,
     26 sidewalk, 27 terrain) at 10 px/m covering global x, y ∈ [0, 400] m, with the global origin at the
@@ -159,6 +168,10 @@ def simulate_scene(name: str, *, seed: int, num_keyframes: int, sweeps_per_keyfr
                          f"got {num_keyframes} and {sweeps_per_keyframe}")
     rng = np.random.default_rng(seed)
     town = build_town(rng)
+    ground = make_terrain(terrain, seed)
+    hilly = not ground.is_flat
+    if hilly:
+        town.boxes, town.cylinders, town.spheres = drape(town.boxes, town.cylinders, town.spheres, ground)
     S = sweeps_per_keyframe
     n_sweeps = (num_keyframes - 1) * S + 1
     t_sw = np.arange(n_sweeps) * (0.5 / S)
@@ -178,16 +191,23 @@ def simulate_scene(name: str, *, seed: int, num_keyframes: int, sweeps_per_keyfr
     occ_center, occ_wlh = NUSCENES_EGO.occluder_arrays()   # the car as the LiDAR sees it (ego frame)
     ego_body = lambda e2g: make_boxes(occ_center @ e2g[:3, :3].T + e2g[:3, 3], occ_wlh,
                                       np.arctan2(e2g[1, 0], e2g[0, 0]), EGO_LABEL)
+    ego_local = make_boxes(occ_center, occ_wlh, 0.0, EGO_LABEL)          # hills: the body in the tilted ego frame
     statics = (town.boxes, town.cylinders, town.spheres)
     agents = [SimAgent(cat, np.asarray(size, float) + ANNOTATION_SLACK) for cat, size, _, _ in objs]
     sweeps, truth = [], []
     for i in tqdm(range(n_sweeps), desc=f"simulate {name}", disable=not progress):
         t = t_sw[i]
         exy, eyaw, _ = ego.pose(t)
-        e2g = pose_matrix(exy[0], eyaw[0])
-        dyn = _boxes_at(objs, t)
-        scene = Scene(concat_boxes([town.boxes, dyn, ego_body(e2g)]), town.cylinders, town.spheres,
-                      town.ground_class)
+        if hilly:
+            e2g = ground.pose(exy[0], eyaw[0])
+            dyn = _boxes_at(objs, t, ground)
+            scene = Scene(concat_boxes([town.boxes, dyn]), town.cylinders, town.spheres, town.ground_class,
+                          terrain=ground, local_boxes=ego_local, sensor2local=s2e)
+        else:
+            e2g = pose_matrix(exy[0], eyaw[0])
+            dyn = _boxes_at(objs, t)
+            scene = Scene(concat_boxes([town.boxes, dyn, ego_body(e2g)]), town.cylinders, town.spheres,
+                          town.ground_class)
         pts, lab = cast(model, e2g @ s2e, scene, rng, dirs)
         key = i % S == 0
         sweeps.append(SimSweep(start_timestamp + int(round(t * 1e6)), e2g, pts, lab, key))
@@ -208,9 +228,11 @@ def simulate_scene(name: str, *, seed: int, num_keyframes: int, sweeps_per_keyfr
             agents[a].states[k] = SimAgentState(annotated.center[a].copy(), float(yaw),
                                                 np.asarray(vel, float), n_in, bool(np.hypot(*vel) > 0.1))
         if with_truth:
-            truth.append(occupancy(grid, e2g, town.ground_class, statics, dyn))
+            truth.append(occupancy(grid, e2g, town.ground_class, statics, dyn, ground if hilly else None))
     desc = (f"synthetic town {seed}: {len(town.xs)}x{len(town.ys)} road grid with a curved ring road, "
             f"{sum(o[2] is not None for o in objs)} moving agents, {sum(o[2] is None for o in objs)} parked")
+    if hilly:
+        desc += ", hilly terrain"
     return SimScene(name=name, description=desc, location=f"synth-town-{seed}", calib=SimLidarCalib(s2e),
                     sweeps=sweeps, agents=agents, split=split, map_png=town.ground,
-                    truth=truth if with_truth else None)
+                    truth=truth if with_truth else None, terrain=ground.describe() if hilly else None)

@@ -8,6 +8,11 @@ the voxel's xy centre. Where several solids claim a voxel, the one with the most
 wins; ties go to the later in this priority order: ground < manmade < vegetation < static objects
 (barriers, cones) < vehicles and pedestrians. So a car standing on the road owns the surface voxel
 under it (4 vs 4 sub-samples, car later). The ego body is not part of Occ3D and is left out.
+
+On hills (``terrain`` given and not flat) the ground is the height field: in each column of the ego frame
+(tilted with the car), the voxel containing the surface point on the column's axis is ground (count 4,
+class from the raster there), and solids claim only sub-samples above the surface (a building on a slope,
+or a car on a crest, has no part underground). The flat world takes the original path, bit for bit.
 """
 from __future__ import annotations
 
@@ -23,8 +28,9 @@ def _offsets(vs: float) -> np.ndarray:
 
 
 class _Canvas:
-    def __init__(self, grid: GridSpec, ego2global: np.ndarray):
+    def __init__(self, grid: GridSpec, ego2global: np.ndarray, terrain=None):
         self.grid = grid
+        self.terrain = None if terrain is None or terrain.is_flat else terrain
         self.sem = np.full(grid.shape, FREE_ID, np.uint8)
         self.cnt = np.zeros(grid.shape, np.int8)
         self.e2g = ego2global
@@ -43,7 +49,9 @@ class _Canvas:
         pg = p @ self.e2g[:3, :3].T + self.e2g[:3, 3]
         return tuple(slice(i0[a], i1[a] + 1) for a in range(3)), pg
 
-    def paint(self, sl, inside: np.ndarray, cls: int):
+    def paint(self, sl, inside: np.ndarray, cls: int, pg: np.ndarray | None = None):
+        if self.terrain is not None and pg is not None:
+            inside = inside & (pg[..., 2] >= self.terrain.height(pg[..., :2]))
         n = inside.sum(-1).astype(np.int8)
         cur = self.cnt[sl]
         take = (n > 0) & (n >= cur)
@@ -56,11 +64,14 @@ class _Canvas:
 
 
 def occupancy(grid: GridSpec, ego2global: np.ndarray, ground_class, statics: tuple[Boxes, Cylinders, Spheres],
-              objects: Boxes) -> np.ndarray:
-    """(X, Y, Z) uint8 Occ3D semantics (17 = free). ``objects``: annotated agents at this keyframe."""
-    cv = _Canvas(grid, ego2global)
+              objects: Boxes, terrain=None) -> np.ndarray:
+    """(X, Y, Z) uint8 Occ3D semantics (17 = free). ``objects``: annotated agents at this keyframe;
+    ``terrain``: the world's ``terrain.Terrain`` (None: flat). ``ego2global``: the true (3-D) pose."""
+    cv = _Canvas(grid, ego2global, terrain)
     kz = int(np.floor((0.0 - grid.lo[2]) / grid.voxel_size))
-    if 0 <= kz < grid.shape[2]:
+    if cv.terrain is not None:
+        _paint_terrain(cv, ground_class)
+    elif 0 <= kz < grid.shape[2]:
         cen = grid.centers()[:, :, kz, :].reshape(-1, 3).astype(np.float64)
         g = cen @ ego2global[:3, :3].T + ego2global[:3, 3]
         cls = LIDARSEG_TO_OCC3D[ground_class(g[:, :2])].reshape(grid.shape[:2])
@@ -79,6 +90,27 @@ def occupancy(grid: GridSpec, ego2global: np.ndarray, ground_class, statics: tup
     return cv.sem
 
 
+def _paint_terrain(cv: _Canvas, ground_class):
+    """Mark the voxel holding the terrain surface in each column (Newton on the column's axis, which the
+    car's tilt makes slightly oblique to the world vertical)."""
+    grid, e2g = cv.grid, cv.e2g
+    cen = grid.centers()[:, :, 0, :].reshape(-1, 3).astype(np.float64)
+    a = np.concatenate([cen[:, :2], np.zeros((len(cen), 1))], 1) @ e2g[:3, :3].T + e2g[:3, 3]   # column at z = 0
+    axis = e2g[:3, 2]
+    t = np.zeros(len(cen))
+    for _ in range(8):
+        p = a + t[:, None] * axis
+        g = p[:, 2] - cv.terrain.height(p[:, :2])
+        slope = axis[2] - cv.terrain.gradient(p[:, :2]) @ axis[:2]
+        t -= g / slope
+    p = a + t[:, None] * axis
+    k = np.floor((t - grid.lo[2]) / grid.voxel_size).astype(np.int64)
+    ok = (k >= 0) & (k < grid.shape[2])
+    i, j = np.unravel_index(np.flatnonzero(ok), grid.shape[:2])
+    cv.sem[i, j, k[ok]] = LIDARSEG_TO_OCC3D[ground_class(p[ok, :2])]
+    cv.cnt[i, j, k[ok]] = 4
+
+
 def _near(c_xy, r, ego_xy, reach):
     return np.linalg.norm(c_xy - ego_xy, axis=1) < reach + r
 
@@ -93,7 +125,7 @@ def _paint_boxes(cv: _Canvas, b: Boxes, mask, ego_xy, reach):
         if sl is None:
             continue
         rel = (p - b.center[j]) @ rot                                          # into the box frame
-        cv.paint(sl, np.all(np.abs(rel) <= b.half[j], axis=-1), int(LIDARSEG_TO_OCC3D[b.label[j]]))
+        cv.paint(sl, np.all(np.abs(rel) <= b.half[j], axis=-1), int(LIDARSEG_TO_OCC3D[b.label[j]]), p)
 
 
 def _paint_cylinders(cv: _Canvas, cy: Cylinders, mask, ego_xy, reach):
@@ -106,7 +138,7 @@ def _paint_cylinders(cv: _Canvas, cy: Cylinders, mask, ego_xy, reach):
             continue
         ins = (np.hypot(p[..., 0] - cy.xy[j, 0], p[..., 1] - cy.xy[j, 1]) <= r) & (p[..., 2] >= cy.z0[j]) \
             & (p[..., 2] <= cy.z1[j])
-        cv.paint(sl, ins, int(LIDARSEG_TO_OCC3D[cy.label[j]]))
+        cv.paint(sl, ins, int(LIDARSEG_TO_OCC3D[cy.label[j]]), p)
 
 
 def _paint_spheres(cv: _Canvas, s: Spheres, mask, ego_xy, reach):
@@ -116,4 +148,4 @@ def _paint_spheres(cv: _Canvas, s: Spheres, mask, ego_xy, reach):
         sl, p = cv.samples(*cv.ego_aabb(corners))
         if sl is None:
             continue
-        cv.paint(sl, np.linalg.norm(p - s.center[j], axis=-1) <= r, int(LIDARSEG_TO_OCC3D[s.label[j]]))
+        cv.paint(sl, np.linalg.norm(p - s.center[j], axis=-1) <= r, int(LIDARSEG_TO_OCC3D[s.label[j]]), p)

@@ -21,6 +21,7 @@ from occ_mfd.data.synthetic.nuscenes_truth import TruthWriter
 from occ_mfd.data.synthetic.nuscenes_writer import write_scenes
 from occ_mfd.data.synthetic.scene import SimScene
 from occ_mfd.data.synthetic.simulate import simulate_scene
+from occ_mfd.data.synthetic.terrain import FLAT, TERRAINS
 from occ_mfd.grid import OCC3D_GRID, GridSpec
 
 MIN_KEYFRAMES = 10  # the pipeline needs 4 past + 6 future keyframes in one scene
@@ -86,7 +87,7 @@ def _check(out: Path, version: str, scenes: int, keyframes: int, sweeps_per_keyf
 def make_world(out: Path | str, version: str = "v1.0-synth", scenes: int = 8, keyframes: int = 40,
                sweeps_per_keyframe: int = 2, seed: int = 0, truth: bool = False, val_fraction: float = 0.25,
                workers: int = 1, progress: bool = True, grid: GridSpec = OCC3D_GRID,
-               simulate=None) -> WorldSummary:
+               simulate=None, terrain: str = FLAT) -> WorldSummary:
     """Simulate ``scenes`` scenes (``scene-0001`` …) and write them to ``out`` as a nuScenes dataroot.
 
     Args:
@@ -99,13 +100,18 @@ def make_world(out: Path | str, version: str = "v1.0-synth", scenes: int = 8, ke
         workers: simulate scenes in this many processes (1: in this process).
         simulate: ``f(name, **kw) -> SimScene`` replacing ``simulate.simulate_scene`` (tests; must be
             picklable when workers > 1).
+        terrain: "flat" (the plane z = 0, the default) or "hills" (slopes up to 8 %; the written ego poses
+            keep only x, y and yaw, like nuScenes'; see ``simulate`` and ``terrain``).
     """
     out = Path(out).absolute()
+    if terrain not in TERRAINS:
+        raise ValueError(f"make_world: terrain must be one of {TERRAINS}, got {terrain!r}")
     _check(out, version, scenes, keyframes, sweeps_per_keyframe, val_fraction, workers)
     names = [f"scene-{i:04d}" for i in range(1, scenes + 1)]
     split = split_scenes(names, seed, val_fraction)
     jobs = [(n, dict(seed=scene_seed(seed, n), num_keyframes=keyframes, sweeps_per_keyframe=sweeps_per_keyframe,
-                     split=split[n], with_truth=truth, grid=grid)) for n in names]
+                     split=split[n], with_truth=truth, grid=grid, **({} if terrain == FLAT else {"terrain": terrain})))
+            for n in names]
     fn = _simulate if simulate is None else _Call(simulate)
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -236,7 +236,7 @@ def write_snapshots(imp: ImportedOccFm, out_dir: str | Path, provenance: str) ->
     upstream sampler, 10 Euler steps, shift α = 3, CFG 2), each written atomically; plus ``import.json``."""
     out_dir = Path(out_dir)
     grid = imp.grid.to_dict()
-    data = {"pool": 1, "past": 4, "future": 6}
+    data = {"pool": 1, "past": 4, "future": 6, "z_convention": "occ3d"}   # trained on Occ3D-nuScenes labels
     step = imp.weights.epoch or 0
     vae_state = {k: v.detach().cpu() for k, v in imp.vae.state_dict().items()}
     vae_spec = {"class": f"{OccFmVAE.__module__}.{OccFmVAE.__qualname__}", "kwargs": imp.vae.init_kwargs}
