@@ -102,3 +102,6 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="predictor_ratio"):
         FreeFlow(ConstantFlow(M), FlowMapEndpoint(ConstantMap(P)), ConstantFlow(M2), lambda b: (b, None),
                  predictor_ratio=1.5)
+    with pytest.raises(ValueError, match="corrector-only run has no predictor gradient"):
+        FreeFlow(ConstantFlow(M), FlowMapEndpoint(ConstantMap(P)), ConstantFlow(M2), lambda b: (b, None),
+                 predictor_ratio=0.0)

@@ -92,9 +92,12 @@ class FreeFlow(MeanFlowDistillation):
             raise ValueError("teacher, student and aux must be distinct modules (deep-copy the teacher)")
         super().__init__(teacher, student, aux, prepare, cfg_scale=cfg_scale, aux_steps=aux_steps,
                          student_steps=student_steps)
-        if not 0.0 <= predictor_ratio <= 1.0 or norm_k < 0 or norm_eps <= 0 or corrector_std <= 0:
-            raise ValueError(f"need 0 <= predictor_ratio <= 1, norm_k >= 0, norm_eps > 0, corrector_std > 0; got "
-                             f"{predictor_ratio}, {norm_k}, {norm_eps}, {corrector_std}")
+        if not 0.0 < predictor_ratio <= 1.0 or norm_k < 0 or norm_eps <= 0 or corrector_std <= 0:
+            # predictor_ratio = 0 would train nothing: the corrector's weight λ is balanced against the predictor's
+            # gradient, which then never gets a value (λ stays 0).
+            raise ValueError(f"need 0 < predictor_ratio <= 1, norm_k >= 0, norm_eps > 0, corrector_std > 0; got "
+                             f"{predictor_ratio}, {norm_k}, {norm_eps}, {corrector_std} (a corrector-only run has "
+                             "no predictor gradient to balance λ against)")
         if balance_alpha < 0 or not 0.0 <= balance_decay < 1.0:
             raise ValueError(f"need balance_alpha >= 0 and 0 <= balance_decay < 1, got {balance_alpha}, "
                              f"{balance_decay}")
