@@ -12,6 +12,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.toy2d_gmm import MLPVelocity  # noqa: E402
+from flow_map_toys import ConstantMap, NoForwardAD  # noqa: E402
 from occ_mfd.builder import build  # noqa: E402
 from occ_mfd.data.records import collate_sequences  # noqa: E402
 from occ_mfd.data.sequences import OccSequenceDataset  # noqa: E402
@@ -28,16 +29,6 @@ from test_senseflow import ConstantFlow  # noqa: E402
 torch.set_num_threads(1)
 D = 3
 
-
-class ConstantMap(nn.Module):
-    """u(x, s, t) = p: a flow map that ignores its inputs."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = nn.Parameter(torch.tensor(p, dtype=torch.float64))
-
-    def forward(self, x, s, t, cond=None, drop_cond=None):
-        return self.p.expand_as(x)
 
 
 def test_constant_field_gradient_is_exact_and_moves_toward_the_teacher():
@@ -138,17 +129,6 @@ def test_the_default_time_sampler_trains_the_one_step_endpoint():
     with pytest.raises(ValueError, match="time_sampler"):
         make(time_sampler="sCM")
 
-
-class NoForwardAD(torch.autograd.Function):
-    """Identity with a backward but no jvp: torch.func.jvp cannot go through it."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
 
 
 def test_auto_falls_back_to_the_finite_difference_and_matches_func():

@@ -13,7 +13,7 @@ import torch
 from mmengine.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flow_map_toys import GaussianMap  # noqa: E402
+from flow_map_toys import GaussianMap, NoForwardAD  # noqa: E402
 from occ_mfd.builder import build, resolve_type  # noqa: E402
 from occ_mfd.data.records import collate_sequences  # noqa: E402
 from occ_mfd.data.sequences import OccSequenceDataset  # noqa: E402
@@ -171,18 +171,9 @@ def test_with_grad_the_layer_norm_tangent_has_the_right_gradient():
     assert float((grads["func"] - grads["fd"]).norm() / grads["fd"].norm()) < 1e-6
 
 
-class _NoForwardAD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
 
 def test_the_auto_backend_falls_back_to_the_difference_once():
-    fn = lambda x, s, t: _NoForwardAD.apply(x * t[:, None])  # noqa: E731
+    fn = lambda x, s, t: NoForwardAD.apply(x * t[:, None])  # noqa: E731
     primals = (torch.ones(2, 2), torch.zeros(2), torch.full((2,), 3.0))
     tangents = (torch.zeros(2, 2), torch.zeros(2), torch.ones(2))
     with pytest.raises((RuntimeError, NotImplementedError)):
