@@ -99,3 +99,28 @@ def test_vae_recon_row_reads_the_future_through_the_codec():
     out = VAEReconstruction(Identity())(batch)
     assert out.nfe == 0 and torch.equal(out.classes, fut)
     assert (VAEReconstruction(AllFree())(batch).classes == FREE_ID).all()
+
+
+def test_through_vae_row_codes_the_baseline_forecast_not_the_future():
+    """'<baseline>+vae' = decode(encode(baseline forecast)): the codec sees the copy-last frames (never the future);
+    a codec that shifts every id by one shows that its decode is what is returned."""
+    from occ_mfd.eval.baselines import CopyLast, ThroughVAE
+
+    seen = []
+
+    class ShiftCodec:
+        def encode(self, occ):
+            seen.append(occ.clone())
+            return occ.float().unsqueeze(2)
+
+        def decode(self, z):
+            return (z.squeeze(2).round().long() + 1) % 18
+
+    past, fut = _past(seed=6, P=3).long(), _past(seed=7, P=2).long()
+    batch = OccBatch(past=past, future=fut, ego=torch.eye(4).repeat(1, 5, 1, 1))
+    row = ThroughVAE(ShiftCodec(), CopyLast())
+    out = row(batch)
+    assert row.name == "copy-last+vae" and row.steps == 0 and out.nfe == 0
+    copied = past[:, -1:].expand(-1, 2, -1, -1, -1)
+    assert torch.equal(seen[0], copied)                       # the baseline's forecast went in
+    assert torch.equal(out.classes, (copied + 1) % 18)        # the codec's decode came out

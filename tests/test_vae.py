@@ -118,3 +118,39 @@ def test_vae_objective_flattens_frames_and_logs():
     assert out.loss.item() == pytest.approx(10 * out.logs["ce"].item() + out.logs["lovasz"].item()
                                             + 1e-3 * out.logs["kl"].item(), rel=1e-5)
     assert VAEObjective(vae).ema_modules()["vae"] is vae
+
+
+def test_enet_class_weights_hand_case():
+    # Labelled voxels: class 0 ×3, class 2 ×1 (255 is ignored) → shares 0.75, 0, 0.25, 0 of 4 classes.
+    from occ_mfd.models.vae_loss import enet_class_weights
+    target = torch.tensor([0, 0, 0, 2, 255, 255])
+    w = enet_class_weights(target, 4)
+    expect = torch.tensor([1 / math.log(1.02 + 0.75), 1 / math.log(1.02), 1 / math.log(1.02 + 0.25),
+                           1 / math.log(1.02)])
+    assert torch.allclose(w, expect, rtol=1e-6)
+    assert w.max() / w.min() <= 1 / math.log(1.02) * math.log(2.02) + 1e-6    # the documented bound on ratios
+
+
+def test_class_balanced_ce_is_the_weighted_mean_over_voxels():
+    torch.manual_seed(0)
+    K = 4
+    logits = torch.randn(1, K, 3, 2, 1)
+    target = torch.tensor([[0, 0, 0], [0, 2, 255]]).T.reshape(1, 3, 2, 1)    # 4 × class 0, 1 × class 2, 1 ignored
+    dist = LatentDist(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1))
+    plain = VAELoss(lovasz_weight=0.0)(logits, target, dist).ce
+    balanced = VAELoss(lovasz_weight=0.0, class_balance=True)(logits, target, dist).ce
+    # Hand: per-voxel CE, weighted by 1 / ln(1.02 + share of its class), divided by the summed weights.
+    logp = logits.log_softmax(1)[0, :, :, :, 0]                              # (K, 3, 2)
+    t = target[0, :, :, 0]
+    ces, ws = [], []
+    for i in range(3):
+        for j in range(2):
+            if t[i, j] == 255:
+                continue
+            share = {0: 0.8, 2: 0.2}[int(t[i, j])]
+            ces.append(-logp[t[i, j], i, j])
+            ws.append(1 / math.log(1.02 + share))
+    ces, ws = torch.stack(ces), torch.tensor(ws)
+    assert torch.allclose(plain, ces.mean(), atol=1e-6)
+    assert torch.allclose(balanced, (ws * ces).sum() / ws.sum(), atol=1e-6)
+    assert not torch.allclose(plain, balanced, atol=1e-4)   # the weighting changes the loss

@@ -25,7 +25,7 @@ import torch
 
 from occ_mfd.data.sequences import OccSequenceDataset
 from occ_mfd.engine import distributed as du
-from occ_mfd.eval.baselines import BASELINES, VAEReconstruction
+from occ_mfd.eval.baselines import BASELINES, ThroughVAE, VAEReconstruction
 from occ_mfd.eval.forecasters import PipelineForecaster, check_compatible, load_forecaster, parse_model_spec
 from occ_mfd.eval.report import format_header, format_table, plot_curves, protocol_header, results_dict, \
     write_csv, write_json
@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--recon", action="store_true",
                    help="add a 'vae-recon' row: the first model's VAE reconstructing the ground-truth future "
                         "(the ceiling of every forecast through that VAE)")
+    p.add_argument("--via-vae", action="store_true",
+                   help="add a '<baseline>+vae' row per --baseline: its forecast encoded and decoded by the first "
+                        "model's VAE (how much of the warp survives the tokenizer)")
     p.add_argument("--out", help="results JSON")
     p.add_argument("--csv", help="results CSV")
     p.add_argument("--plot", help="PNG of IoU/mIoU vs horizon")
@@ -127,10 +130,13 @@ def _main(args, info: du.DistInfo) -> int:
         for _, info_ in loaded.values():
             check_compatible(info_, dataset.grid, dataset.index.classes, args.data, args.past, args.future,
                              allow_convention_mismatch=args.allow_convention_mismatch)
-        rows += [BASELINES[b](dataset.grid) for b in dict.fromkeys(args.baseline)]
+        baselines = [BASELINES[b](dataset.grid) for b in dict.fromkeys(args.baseline)]
+        rows += baselines
+        if (args.recon or args.via_vae) and (not rows or not hasattr(rows[0], "pipeline")):
+            raise ValueError(f"{'--recon' if args.recon else '--via-vae'} needs a --model (its VAE is used)")
+        if args.via_vae:
+            rows += [ThroughVAE(rows[0].pipeline.codec, b) for b in baselines]
         if args.recon:
-            if not rows or not hasattr(rows[0], "pipeline"):
-                raise ValueError("--recon needs a --model (its VAE is reconstructed)")
             rows.append(VAEReconstruction(rows[0].pipeline.codec))
         n = len(dataset) if args.max_sequences is None else min(args.max_sequences, len(dataset))
         protocol = protocol_header(data_root=args.data, split=split, num_sequences=n, grid=dataset.grid,

@@ -90,5 +90,26 @@ class VAEReconstruction:
         return Forecast(classes=self.codec.decode(self.codec.encode(batch.future)), nfe=0)
 
 
+class ThroughVAE:
+    """Row "<baseline>+vae": a baseline's forecast encoded and decoded by a model's VAE (``decode(encode(·))``).
+
+    A diagnostic, not a new forecaster: it shows how much of a voxel-space baseline survives the tokenizer. A
+    latent forecaster that is handed the same warp as its prior (``configs/tiny/occfm_ego.py``) can at best
+    reproduce this row by copying its prior, so the gap between ``cv-warp`` and ``cv-warp+vae`` is the
+    tokenizer's share of what a learned forecaster loses against the warp.
+    """
+
+    steps = 0
+
+    def __init__(self, codec, baseline):
+        self.codec, self.baseline = codec, baseline
+        self.name = f"{baseline.name}+vae"
+
+    @torch.no_grad()
+    def __call__(self, batch, generator: torch.Generator | None = None) -> Forecast:
+        warped = self.baseline(batch, generator).classes
+        return Forecast(classes=self.codec.decode(self.codec.encode(warped)), nfe=0)
+
+
 BASELINES = {"copy-last": lambda grid: CopyLast(), "cv-warp": lambda grid: CVWarp(grid),
              "warp-last": lambda grid: WarpLast(grid)}
