@@ -53,6 +53,33 @@ def test_stage_times_against_a_fake_clock_and_warmup_is_untimed():
     np.testing.assert_allclose(e2e, sum(per.values()), atol=1e-6)  # end to end is the whole chain
 
 
+def test_next_inputs_feed_every_run_outside_the_timed_chain():
+    """Streaming rows: run i's input comes from next_inputs(i), and the time it takes (a full encode when a drive
+    starts over) is not in any stage or the end-to-end time."""
+    calls, clock, fed, seen = {}, FakeClock(), [], []
+
+    def next_inputs(i):
+        fed.append(i)
+        clock.work(1000.0)                                       # a slow untimed prime
+        return 10 * i
+
+    stages = [("seen", lambda x: seen.append(x) or x)] + fake_stages(calls, clock)
+    e2e, per = time_stages(stages, None, runs=6, warmup=2, clock=clock, sync=lambda d: None, next_inputs=next_inputs)
+    assert fed == list(range(-2, 6))                           # once per run, warm-up included, in order
+    assert seen == [10 * i for i in range(-2, 6)]              # each run starts from its own input
+    np.testing.assert_allclose(per["seen"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(e2e, sum(per.values()), atol=1e-6)
+    assert e2e.max() < 100.0                                   # the 1000 ms feeder is outside the chain
+
+
+def test_streaming_marker_is_on_streaming_rows_only():
+    plain = SpeedRow("student@1", 1, 1, 5.0, 6.0, 200.0, {"encode": 1.0}, options=["bf16-autocast"])
+    stream = SpeedRow("student@1+streaming", 1, 1, 4.0, 5.0, 250.0, {"encode": 0.2}, options=["streaming"])
+    assert "streaming" not in plain.to_dict()
+    assert stream.to_dict()["streaming"] is True and stream.to_dict()["options"] == ["streaming"]
+    assert set(stream.to_dict()) == set(plain.to_dict()) | {"streaming"}
+
+
 def test_cuda_sync_is_called_on_cuda_devices_only(monkeypatch):
     from occ_mfd.eval import speed
 
@@ -124,13 +151,28 @@ def test_bench_cli_json(stages, tmp_path):
     d = json.loads(out.read_text())
     assert d["device"]["device"] == "cpu" and d["device"]["threads"] == 1 and d["device"]["dtype"] == "float32"
     assert [(row["name"], row["nfe"]) for row in d["rows"]] == [("teacher@1", 1), ("teacher@2", 2),
-                                                               ("student@1", 1), ("floor", 1)]
+                                                               ("student@1", 1), ("floor", 1),
+                                                               ("student@1+streaming", 1)]
+    assert [row.get("streaming", False) for row in d["rows"]] == [False] * 4 + [True]   # the student only
     assert d["protocol"]["teacher_cfg_scale"] == 2.0 and d["protocol"]["teacher_net_evals_per_step"] == 2
     for row in d["rows"]:
         stages_sum = sum(row["stages_ms"].values())
         assert row["latency_ms_median"] <= stages_sum * 1.5 + 1.0   # e2e is the chain (medians need not add up)
     assert set(d["rows"][0]["stages_ms"]) == {"encode", "sample", "decode", "argmax"}
     assert set(d["rows"][3]["stages_ms"]) == {"prepared", "sample", "decode", "argmax"}
+    # the tiny teacher has no ego-motion prior: the streaming rows' encode is the new frame + the cached history
+    assert set(d["rows"][4]["stages_ms"]) == {"encode", "sample", "decode", "argmax"}
+    stream = d["streaming"]
+    assert stream["inputs"].startswith("2 consecutive windows of scene scene-b")   # the val scene: 11 frames
+    for name in ("student@1+streaming",):
+        # every run (1 warm-up + 3 timed) continued the previous one; the primes before them were untimed
+        assert stream["rows"][name]["runs_continuing"] == stream["rows"][name]["runs"] == 4
+        assert stream["rows"][name]["full_encodes_untimed"] == 4      # 2 windows: re-primed before every run
+        assert stream["rows"][name]["prior_frames_encoded_per_run"] == 0
+    assert d["student_streaming_over_floor"] == pytest.approx(d["rows"][4]["latency_ms_median"] /
+                                                              d["rows"][3]["latency_ms_median"])
+    assert d["student_streaming_over_student"] == pytest.approx(d["rows"][4]["latency_ms_median"] /
+                                                                d["rows"][2]["latency_ms_median"])
     assert d["speedup_reference"] == "teacher@2" and d["speedups"]["teacher@2"] == 1.0
     assert d["speedups"]["teacher@1"] == pytest.approx(d["rows"][1]["latency_ms_median"] /
                                                        d["rows"][0]["latency_ms_median"])

@@ -1,5 +1,6 @@
 """tools/bench.py's --bf16 / --channels-last / --compile rows on CPU: each row records its dtype (bf16 rows say
-bfloat16), each variant computes what the plain pipeline computes, and the bf16 rows really run in bf16."""
+bfloat16), each variant computes what the plain pipeline computes, and the bf16 rows really run in bf16. The
+streaming rows of a teacher with an ego-motion prior time the prior as a stage of its own."""
 import importlib.util
 import json
 import time
@@ -8,10 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from occ_mfd.builder import build
 from occ_mfd.data.records import OccBatch
 from occ_mfd.eval.forecasters import load_forecaster
 from occ_mfd.eval.speed import pipeline_stages
-from test_eval_cli import save_tiny_snapshot, save_tiny_student
+from occ_mfd.models.snapshot import InferenceParts, snapshot_from_parts
+from occ_mfd.objectives.flow_matching import OccFlowTeacher
+from test_eval_cli import NET, VAE, save_tiny_snapshot, save_tiny_student
+from test_eval_runner import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +60,8 @@ def test_bench_bf16_and_channels_last_rows_record_their_dtype(snaps, tmp_path, c
                                "--runs", "2", "--warmup", "1", "--bf16", "--channels-last", "--no-train",
                                "--out", str(out)])
     assert rc == 0
-    assert "--bf16 on CPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--bf16 on CPU" in err and "no streaming rows (no --data" in err   # a synthetic window is no drive
     d = json.loads(out.read_text())
     dtypes = {r["name"]: r["dtype"] for r in d["rows"]}
     assert dtypes == {"teacher@1": "float32", "teacher@2": "float32", "student@1": "float32", "floor": "float32",
@@ -101,3 +107,30 @@ def test_compiled_variant_matches_eager(snaps):
         pytest.skip(f"compile took {took:.0f} s (> 60 s) on this machine")
     assert torch.allclose(out["sample"], ref["sample"], atol=1e-4)
     assert torch.equal(out["argmax"], ref["argmax"])
+
+
+def test_streaming_rows_of_a_prior_teacher_time_the_prior_apart(tmp_path, capsys):
+    """A cv-warp teacher: the streaming row encodes 1 history frame per run, and the prior's warp + encode of the
+    F future frames is its own stage (the one-shot rows' encode holds both). --no-streaming drops the row."""
+    torch.manual_seed(0)
+    vae = snapshot_from_parts(InferenceParts("vae", {"vae": build(VAE)})).describe()
+    teacher = save_tiny_snapshot(tmp_path / "teacher", objective=OccFlowTeacher(
+        net=dict(NET, prior="cv-warp"), vae=vae, latent_scale=1.0, cond_drop_prob=0.1))
+    data = make_dataset(tmp_path / "data", static=False, n_frames=12)           # one val scene: 3 windows
+    out = tmp_path / "bench.json"
+    args = ["--teacher", str(teacher), "--data", str(data), "--steps", "1", "--runs", "3", "--warmup", "1",
+            "--no-train", "--out", str(out)]
+    assert _bench_module().main(args) == 0
+    printed = capsys.readouterr().out
+    d = json.loads(out.read_text())
+    assert [r["name"] for r in d["rows"]] == ["teacher@1", "floor", "teacher@1+streaming"]
+    rows = {r["name"]: r for r in d["rows"]}
+    assert set(rows["teacher@1"]["stages_ms"]) == {"encode", "sample", "decode", "argmax"}
+    assert set(rows["teacher@1+streaming"]["stages_ms"]) == {"encode", "prior", "sample", "decode", "argmax"}
+    info = d["streaming"]["rows"]["teacher@1+streaming"]
+    assert info == {"runs_continuing": 4, "runs": 4, "full_encodes_untimed": 2, "history_frames_encoded_per_run": 1,
+                    "prior": "cv-warp", "prior_frames_encoded_per_run": 6}
+    assert "student_streaming_over_floor" not in d                              # no student given
+    assert "prior" in printed.splitlines()[1] and "prior = the prior's warp and encode" in printed
+    assert _bench_module().main(args + ["--no-streaming"]) == 0
+    assert [r["name"] for r in json.loads(out.read_text())["rows"]] == ["teacher@1", "floor"]

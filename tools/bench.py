@@ -8,6 +8,10 @@ Protocol (docs/design.md): batch 1, warm-up ≥ 10, ≥ 50 timed runs, device sy
 median and p90, end to end (encode + sample + decode + argmax) and per stage; the stages are the very methods
 tools/eval.py's forecasts run. Speed-ups are ratios against teacher@10 (or the largest --steps). The floor is
 one unguided network evaluation + decode + argmax.
+Streaming row (``+streaming``, with --data; --no-streaming skips it): the student (the teacher without one) wrapped in
+occ_mfd.models.streaming.StreamingForecaster, each run forecasting the next consecutive window of the first
+sequence's scene, so the P − 1 history latents come from the previous run and one new frame is encoded (the
+drive's first full encode is done before the timed runs).
 Training steps (one AdamW update, prepare/encode included): teacher FM step, MFD aux step, MFD student step, on
 objectives rebuilt from the configs stored in the snapshots (their weights do not change the time).
 """
@@ -28,11 +32,12 @@ from occ_mfd.data.records import OccBatch, collate_sequences
 from occ_mfd.data.sequences import OccSequenceDataset
 from occ_mfd.engine.distributed import DeviceUnavailable, check_device
 from occ_mfd.eval.forecasters import load_forecaster
-from occ_mfd.eval.speed import floor_stages, measure, pipeline_stages, runtime_info, speedups, \
-    time_training_step, to_channels_last
+from occ_mfd.eval.speed import STREAMING, consecutive_windows, floor_stages, measure, pipeline_stages, runtime_info, \
+    speedups, streaming_stages, time_training_step, to_channels_last
 from occ_mfd.grid import FREE_ID
 from occ_mfd.models.sparse import SparseUnavailable
 from occ_mfd.models.snapshot import load_snapshot
+from occ_mfd.models.streaming import StreamingForecaster
 
 
 def parse_args(argv=None):
@@ -54,6 +59,8 @@ def parse_args(argv=None):
                    help="also time bf16 autocast (rows '+bf16', dtype bfloat16; meant for CUDA, runs on CPU too)")
     p.add_argument("--channels-last", action="store_true", help="also time channels-last networks")
     p.add_argument("--cfg-two-pass", action="store_true", help="also time CFG as two passes (vs the fused 2B batch)")
+    p.add_argument("--no-streaming", action="store_true",
+                   help="skip the streaming rows (history latents kept between consecutive windows; need --data)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step timings")
     p.add_argument("--train-runs", type=int, default=10)
     p.add_argument("--train-warmup", type=int, default=2)
@@ -80,6 +87,48 @@ def make_batch(args, info, device) -> OccBatch:
     ego = torch.eye(4).repeat(1, T, 1, 1)
     ego[0, :, 0, 3] = 2.0 * (torch.arange(T) - (info.past - 1))           # 4 m/s forward
     return OccBatch(past=occ[:, :info.past], future=occ[:, info.past:], ego=ego).to(device)
+
+
+def drive_windows(args, info, device) -> list[OccBatch]:
+    """The consecutive windows (batch 1 each, stride 1) of the scene of --data's first sequence, the inputs of the
+    streaming rows; [] without --data (a synthetic window has no drive to continue)."""
+    if not args.data:
+        return []
+    # cache_mb: consecutive windows share P + F − 1 frames; read each label file once
+    ds = OccSequenceDataset(args.data, args.split, past=info.past, future=info.future, pool=info.pool, mask=None,
+                            cache_mb=256)
+    picked = [0]
+    for j in range(1, min(len(ds), args.warmup + args.runs + 1)):
+        (si, start), (prev_si, prev_start) = ds.windows[j], ds.windows[picked[-1]]
+        if si != prev_si or start != prev_start + 1:     # another scene, or a gap (unlabelled frames): the drive ends
+            break
+        picked.append(j)
+    return [collate_sequences([ds[j]]).to(device) for j in picked]
+
+
+def streaming_rows(args, forecasters, info, device, rows: list, kw: dict) -> dict:
+    """Append a ``NAME@N+streaming`` row per forecaster to ``rows``, each run the next consecutive window of a
+    drive; → what the JSON's ``streaming`` entry says about them ({} when there is no drive to stream)."""
+    windows = drive_windows(args, info, device)
+    if len(windows) < 2:
+        print(f"note: no streaming rows ({'no --data: ' if not args.data else ''}they need ≥ 2 consecutive "
+              f"windows of one drive, got {len(windows)})", file=sys.stderr)
+        return {}
+    out = {"inputs": f"{len(windows)} consecutive windows of scene {windows[0].scenes[0]} (stride 1), each run "
+                     f"the next; the drive's first full encode untimed", "rows": {}}
+    for name, pipe, n in forecasters:
+        streamer = StreamingForecaster(pipe)
+        row = measure(f"{name}@{n}+{STREAMING}", n, n, streaming_stages(streamer, n), None, options=[STREAMING],
+                      next_inputs=consecutive_windows(streamer, windows), **kw)
+        rows.append(row)
+        prior = getattr(pipe.net, "prior", None)
+        # runs_continuing == runs: every warm-up and timed run encoded 1 history frame; the other calls were the
+        # untimed primes of consecutive_windows
+        out["rows"][row.name] = {"runs_continuing": streamer.hits, "runs": args.warmup + args.runs,
+                                 "full_encodes_untimed": streamer.calls - streamer.hits,
+                                 "history_frames_encoded_per_run": 1, "prior": prior,
+                                 "prior_frames_encoded_per_run": 0 if prior is None else info.future}
+    return out
 
 
 def variant(pipeline, option: str, device):
@@ -131,6 +180,9 @@ def main(argv=None) -> int:
                  for k in dict.fromkeys(args.student_steps)]
     floor_net = student if student is not None else teacher
     rows.append(measure("floor", 1, 1, floor_stages(floor_net, batch), batch, **kw))
+    # Streaming is about the one-step model (the teacher's 10 steps dwarf the encode it saves): only the student gets
+    # a streaming row, or the teacher when no student is given.
+    streaming = {} if args.no_streaming else streaming_rows(args, forecasters[-1:], t_info, device, rows, kw)
     if args.cfg_two_pass and teacher.cfg_scale != 1.0:
         rows.append(measure(f"{ref}+cfg-two-pass", ref_n, ref_n,
                             pipeline_stages(variant(teacher, "cfg-two-pass", device), ref_n), batch,
@@ -154,9 +206,16 @@ def main(argv=None) -> int:
         "floor": "one unguided network evaluation + decode + argmax (of the student if given)",
         "end_to_end": "encode + sample + decode + argmax"},
         "rows": [r.to_dict() for r in rows], "speedup_reference": ref, "speedups": ups}
+    by_name = {r.name: r for r in rows}
     if student is not None and 1 in args.student_steps:
-        result["student_over_floor"] = rows[[r.name for r in rows].index("student@1")].latency_ms_median \
-            / floor.latency_ms_median
+        result["student_over_floor"] = by_name["student@1"].latency_ms_median / floor.latency_ms_median
+    if streaming:
+        result["streaming"] = streaming
+        if f"student@1+{STREAMING}" in by_name:
+            s_ms = by_name[f"student@1+{STREAMING}"].latency_ms_median
+            result["student_streaming_over_floor"] = s_ms / floor.latency_ms_median
+            if "student@1" in by_name:
+                result["student_streaming_over_student"] = s_ms / by_name["student@1"].latency_ms_median
     if not args.no_train:
         result["training_steps_ms"] = training_steps(args, batch, device)
     print_tables(result)
@@ -193,7 +252,8 @@ def print_tables(res: dict) -> None:
     d = res["device"]
     print(f"== speed: {d['device']} ({d['device_name']}), {d['dtype']}, {d['threads']} threads, torch {d['torch']}; "
           f"batch 1, {res['protocol']['runs']} runs after {res['protocol']['warmup']} warm-up; median (p90) ms ==")
-    stages = ["encode", "sample", "decode", "argmax"]
+    stages = ["encode"] + (["prior"] if any("prior" in r["stages_ms"] for r in res["rows"]) else []) \
+        + ["sample", "decode", "argmax"]
     print(f"{'row':<28} {'dtype':>8} {'NFE':>4} {'e2e ms':>9} {'p90':>8} {'FPS':>7} "
           + " ".join(f"{s:>8}" for s in stages) + f"  {'×' + res['speedup_reference']:>14}")
     for r in res["rows"]:
@@ -204,6 +264,13 @@ def print_tables(res: dict) -> None:
               + f"  {res['speedups'][r['name']]:>14.2f}")
     if "student_over_floor" in res:
         print(f"student@1 latency / floor = {res['student_over_floor']:.3f}")
+    if "prior" in stages:
+        print("(one-shot rows: encode = history + ego-motion prior; +streaming rows: encode = 1 new history frame, "
+              "prior = the prior's warp and encode)")
+    if "student_streaming_over_floor" in res:
+        print(f"student@1+streaming latency / floor = {res['student_streaming_over_floor']:.3f}"
+              + (f", / student@1 = {res['student_streaming_over_student']:.3f}"
+                 if "student_streaming_over_student" in res else ""))
     for name, t in res.get("training_steps_ms", {}).items():
         if isinstance(t, dict):
             nfe = t.get("nfe_median", t.get("nfe"))

@@ -24,6 +24,8 @@ from occ_mfd.models.pipeline import OccForecastPipeline
 
 Stage = tuple[str, Callable[[Any], Any]]
 Clock = Callable[[], float]
+#: The option of rows timed on consecutive windows of a drive with the history latents kept between runs.
+STREAMING = "streaming"
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -53,16 +55,22 @@ class SpeedRow:
     dtype: str = "float32"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if STREAMING in self.options:   # a marker on streaming rows only: the other rows' fields stay as they were
+            d["streaming"] = True
+        return d
 
 
 def time_stages(stages: list[Stage], inputs: Any, *, runs: int = 50, warmup: int = 10, device="cpu",
                 desc: str | None = None, clock: Clock = time.perf_counter,
-                sync: Callable[[Any], None] = synchronize) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                sync: Callable[[Any], None] = synchronize,
+                next_inputs: Callable[[int], Any] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Run the chain ``warmup`` times untimed, then ``runs`` times timed.
 
     Returns (end-to-end ms (runs,), stage name → ms (runs,)). ``clock`` (seconds) and ``sync`` are injectable
-    so the bookkeeping is testable against a fake clock.
+    so the bookkeeping is testable against a fake clock. ``next_inputs(i)`` (i = −warmup … runs − 1), when given,
+    supplies run i's input instead of ``inputs``, outside the timed chain (streaming: each run forecasts the next
+    window of a drive; :func:`consecutive_windows`).
     """
     if runs < 1 or warmup < 0:
         raise ValueError(f"time_stages: need runs ≥ 1 and warmup ≥ 0, got runs={runs}, warmup={warmup}")
@@ -70,7 +78,7 @@ def time_stages(stages: list[Stage], inputs: Any, *, runs: int = 50, warmup: int
     per = {name: np.zeros(runs) for name, _ in stages}
     with torch.inference_mode():
         for i in tqdm(range(-warmup, runs), desc=desc, disable=desc is None, leave=False):
-            x = inputs
+            x = inputs if next_inputs is None else next_inputs(i)
             sync(device)
             start = prev = clock()
             for name, fn in stages:
@@ -87,10 +95,12 @@ def time_stages(stages: list[Stage], inputs: Any, *, runs: int = 50, warmup: int
 
 def measure(name: str, steps: int, nfe: int, stages: list[Stage], inputs: Any, *, runs: int = 50,
             warmup: int = 10, device="cpu", options: list[str] | None = None, progress: bool = True,
-            clock: Clock = time.perf_counter, dtype: str = "float32") -> SpeedRow:
-    """Time a stage chain → :class:`SpeedRow` (median / p90 end to end and per stage)."""
+            clock: Clock = time.perf_counter, dtype: str = "float32",
+            next_inputs: Callable[[int], Any] | None = None) -> SpeedRow:
+    """Time a stage chain → :class:`SpeedRow` (median / p90 end to end and per stage); ``next_inputs``: see
+    :func:`time_stages`."""
     e2e, per = time_stages(stages, inputs, runs=runs, warmup=warmup, device=device,
-                           desc=f"bench {name}" if progress else None, clock=clock)
+                           desc=f"bench {name}" if progress else None, clock=clock, next_inputs=next_inputs)
     med = float(np.median(e2e))
     return SpeedRow(name=name, steps=steps, nfe=nfe, latency_ms_median=med,
                     latency_ms_p90=float(np.percentile(e2e, 90)), fps=1e3 / med if med > 0 else float("inf"),
@@ -120,9 +130,7 @@ def pipeline_stages(pipeline: OccForecastPipeline, steps: int, *, cfg_scale: flo
     torch.bfloat16 on CUDA, around every stage. Two-pass CFG: a pipeline with ``fused_cfg=False``.
     """
     def ctx(device):
-        if autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=autocast)
+        return _autocast(device, autocast)
 
     def encode(batch):
         with ctx(batch.past.device):
@@ -147,6 +155,62 @@ def floor_stages(pipeline, batch, *, seed: int = 0, autocast: torch.dtype | None
     with torch.inference_mode():
         state = stages[0][1](batch)
     return [("prepared", lambda _: state)] + stages[1:]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or a no-op context for None."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def streaming_stages(streamer, steps: int, *, cfg_scale: float | None = None, seed: int = 0,
+                     autocast: torch.dtype | None = None) -> list[Stage]:
+    """The stages of a :class:`~occ_mfd.models.streaming.StreamingForecaster` on an ``OccBatch`` input:
+    ``encode`` (the cached history latents + the new frame's, (1, P, C, H, W)) → ``prior`` (the net's ego-motion
+    prior warped and encoded, (1, F, C, H, W), and the condition assembled; only for a net with a prior, else
+    ``encode`` assembles it) → ``sample`` → ``decode`` → ``argmax`` of :func:`pipeline_stages` (same noise source).
+
+    Fed with consecutive windows (:func:`consecutive_windows`), ``argmax`` equals ``streamer.forecast(batch, steps,
+    generator=torch.Generator().manual_seed(seed)).classes`` and the pipeline's one-shot forecast up to float
+    rounding (tested). The one-shot rows' ``encode`` is this row's ``encode`` + ``prior``.
+    """
+    has_prior = getattr(streamer.pipeline.net, "prior", None) is not None
+
+    def encode(batch):
+        with _autocast(batch.past.device, autocast):
+            latents = streamer.past_latents(batch)                                # (1, P, C, H, W)
+            return (batch, latents) if has_prior else streamer.condition(batch, latents)
+
+    def prior(state):
+        batch, latents = state
+        with _autocast(batch.past.device, autocast):
+            return streamer.condition(batch, latents)                             # ForecastCond
+
+    tail = pipeline_stages(streamer.pipeline, steps, cfg_scale=cfg_scale, seed=seed, autocast=autocast)[1:]
+    return [("encode", encode)] + ([("prior", prior)] if has_prior else []) + tail
+
+
+def consecutive_windows(streamer, windows: list) -> Callable[[int], Any]:
+    """``next_inputs`` for :func:`time_stages` on a streaming row: run after run, ``windows[1]``, ``windows[2]``, …
+    of one drive (``windows``: batches of consecutive keyframes, each the previous shifted by one), so every run
+    continues the previous one, the steady state of a drive. The history cache is primed with ``windows[0]``
+    before the first run and again whenever the drive is exhausted and starts over at ``windows[1]``: those full
+    encodes run outside the timed chain (a drive pays them once per scene, not per frame).
+    """
+    if len(windows) < 2:
+        raise ValueError(f"consecutive_windows: a streaming row needs ≥ 2 consecutive windows of one drive, got "
+                         f"{len(windows)}")
+    position = len(windows)                      # past the end: prime before the first run
+
+    def next_inputs(_run: int):
+        nonlocal position
+        if position >= len(windows):
+            streamer.reset()
+            streamer.past_latents(windows[0])    # the drive's first full encode, untimed
+            position = 1
+        position += 1
+        return windows[position - 1]
+
+    return next_inputs
 
 
 def runtime_info(device: torch.device | str, dtype: str = "float32") -> dict:
