@@ -152,3 +152,24 @@ def test_snapshot_sampler_and_training_checkpoint_error(setup, tmp_path):
     save_checkpoint({"step": 0, "objective": teacher.state_dict(), "config": ""}, tmp_path / "run")
     r = run_cli("--data", setup[1], "--model", tmp_path / "run/latest.pt")
     assert r.returncode == 2 and "training checkpoint" in r.stderr and str(tmp_path / "run/snapshot.pt") in r.stderr
+
+
+def test_cli_vae_snapshot_row_equals_the_models_own_vae_recon(setup, tmp_path):
+    """--vae: a VAE stage's snapshot gets a vae-recon row without any forecaster; with the VAE the teacher was
+    built on it scores exactly what --recon scores; a forecaster snapshot given as --vae is refused."""
+    tmp, data, ckpt = setup
+    vae = tiny_teacher().codec.vae             # the VAE the teacher snapshot was built on
+    vae_snap = save_snapshot(snapshot_from_parts(InferenceParts("vae", {"vae": vae}), grid=G.to_dict(), **META),
+                             tmp_path / "myvae" / "snapshot.pt")
+    out = tmp_path / "r.json"
+    r = run_cli("--data", data, "--model", f"{ckpt}:steps=1", "--recon", "--vae", vae_snap,
+                "--vae", f"named={vae_snap}", "--out", out)
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert {"vae-recon:myvae", "named", "vae-recon"} <= set(rows)
+    assert rows["vae-recon:myvae"]["iou"] == rows["vae-recon"]["iou"] == rows["named"]["iou"]
+    assert rows["vae-recon:myvae"]["miou"] == rows["vae-recon"]["miou"]
+    r = run_cli("--data", data, "--vae", vae_snap, "--out", tmp_path / "only.json")   # no forecaster needed
+    assert r.returncode == 0, r.stderr
+    r = run_cli("--data", data, "--vae", ckpt)
+    assert r.returncode == 2 and "not a VAE stage's" in r.stderr and str(ckpt) in r.stderr

@@ -30,6 +30,8 @@ from occ_mfd.eval.forecasters import PipelineForecaster, check_compatible, load_
 from occ_mfd.eval.report import format_header, format_table, plot_curves, protocol_header, results_dict, \
     write_csv, write_json
 from occ_mfd.eval.runner import run_eval
+from occ_mfd.models.codec import LatentCodec
+from occ_mfd.models.snapshot import load_snapshot
 from occ_mfd.models.sparse import SparseUnavailable
 
 
@@ -42,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--recon", action="store_true",
                    help="add a 'vae-recon' row: the first model's VAE reconstructing the ground-truth future "
                         "(the ceiling of every forecast through that VAE)")
+    p.add_argument("--vae", action="append", default=[], metavar="[NAME=]SNAPSHOT",
+                   help="a VAE stage's snapshot: a row (default name 'vae-recon:<its dir>') of its reconstruction of the "
+                        "ground-truth future; a tokenizer's ceiling before any forecaster is trained; repeatable")
     p.add_argument("--via-vae", action="store_true",
                    help="add a '<baseline>+vae' row per --baseline: its forecast encoded and decoded by the first "
                         "model's VAE (how much of the warp survives the tokenizer)")
@@ -73,10 +78,12 @@ def build_rows(args, device):
     for s in specs:
         if s.path not in loaded:
             loaded[s.path] = load_forecaster(s.path, device=device)
-    pools = {info.pool for _, info in loaded.values()}
+    vaes = [vae_row(v) for v in args.vae]
+    pools = {info.pool for _, info in loaded.values()} | {pool for _, pool in vaes}
     if len(pools) > 1:
         raise ValueError(f"the snapshots were trained at different pooling factors {sorted(pools)}: "
-                         + ", ".join(f"{p}: pool={i.pool}" for p, (_, i) in loaded.items()))
+                         + ", ".join([f"{p}: pool={i.pool}" for p, (_, i) in loaded.items()]
+                                     + [f"{r.path}: pool={pool}" for r, pool in vaes]))
     pool = args.pool or (pools.pop() if pools else 1)
     planned = []
     for s in specs:
@@ -95,15 +102,28 @@ def build_rows(args, device):
                        "sampler": "flow_map" if info.flow_map else "euler",
                        "shift": row.shift, "cfg_scale": row.effective_cfg, "ema": True,
                        "trained_steps": info.step, "git_rev": info.git_rev})
+    rows += [r for r, _ in vaes]
     return rows, models, loaded, pool
+
+
+def vae_row(spec: str):
+    """``[NAME=]SNAPSHOT`` of a VAE stage → (its vae-recon row, the pooling its data had)."""
+    name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+    snap = load_snapshot(path)
+    if snap.kind != "vae":
+        raise ValueError(f"--vae {path}: a {snap.kind!r} snapshot, not a VAE stage's (give forecasters with --model)")
+    row = VAEReconstruction(LatentCodec(snap.build("vae"), scale=1.0))
+    row.name = name or f"vae-recon:{Path(snap.path).parent.name}"
+    row.path = snap.path
+    return row, int(snap.data.get("pool", 1))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.model and not args.baseline:
-        print("error: nothing to evaluate: give --model and/or --baseline", file=sys.stderr)
+    if not args.model and not args.baseline and not args.vae:
+        print("error: nothing to evaluate: give --model, --baseline and/or --vae", file=sys.stderr)
         return 2
     try:
         du.check_device(args.device)
