@@ -130,8 +130,8 @@ def test_timed_stages_compute_the_pipeline_forecast(fused):
     ref = pipe.forecast(batch, steps=3, generator=torch.Generator().manual_seed(5))
     assert x.dtype == torch.uint8 and torch.equal(x, ref.classes)
     lat = pipeline_stages(pipe, 3, seed=5)
-    y = lat[1][1](lat[0][1](batch))
-    assert torch.equal(y, ref.latents)                         # the very computation eval runs
+    y, cond = lat[1][1](lat[0][1](batch))                     # sample hands on (latents, their condition)
+    assert torch.equal(y, ref.latents) and torch.equal(cond.past_latents, pipe.encode(batch).past_latents)                         # the very computation eval runs
     fused_ref = _tiny_pipeline(True).forecast(batch, steps=3, generator=torch.Generator().manual_seed(5))
     assert torch.allclose(y, fused_ref.latents, atol=1e-5)     # two-pass CFG = fused CFG numerically
     other = pipe.forecast(batch, steps=3, generator=torch.Generator().manual_seed(6))

@@ -87,11 +87,14 @@ def test_vae_recon_row_reads_the_future_through_the_codec():
         def encode(self, occ):
             return occ.float().unsqueeze(2)               # (B, T, 1, X, Y, Z) as "latents"
 
-        def decode(self, z):
+        def decode(self, z, prior=None):
             return z.squeeze(2).round().long()
 
+        def decode_prior(self, batch):                    # no refiner: the decoder reads no prior
+            return None
+
     class AllFree(Identity):
-        def decode(self, z):
+        def decode(self, z, prior=None):
             return torch.full_like(z.squeeze(2), FREE_ID).long()
 
     fut = _past(seed=5, P=3).long()
@@ -113,8 +116,11 @@ def test_through_vae_row_codes_the_baseline_forecast_not_the_future():
             seen.append(occ.clone())
             return occ.float().unsqueeze(2)
 
-        def decode(self, z):
+        def decode(self, z, prior=None):
             return (z.squeeze(2).round().long() + 1) % 18
+
+        def decode_prior(self, batch):
+            return None
 
     past, fut = _past(seed=6, P=3).long(), _past(seed=7, P=2).long()
     batch = OccBatch(past=past, future=fut, ego=torch.eye(4).repeat(1, 5, 1, 1))

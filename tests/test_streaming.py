@@ -197,6 +197,7 @@ def test_streaming_stages_on_consecutive_windows_compute_the_one_shot_forecast(d
     chain = stages[:at] + [("keep latents", keep(latents))] + stages[at:] + [("keep classes", keep(classes))]
     time_stages(chain, None, runs=4, warmup=1, next_inputs=feed)
     assert (streamer.calls, streamer.hits) == (3 + 5 + 3, 5)  # 5 runs continue; primes before runs 1, 3 and 5
+    latents = [x1 for x1, _cond in latents]                # the sample stage hands on (latents, condition)
     for k, lat, cls in zip((1, 2, 1, 2, 1), latents, classes, strict=True):
         ref = pipe.forecast(windows[k], steps=2, generator=gen(5))
         assert_close_latents(lat, ref.latents, k)

@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--vae", action="append", default=[], metavar="[NAME=]SNAPSHOT",
                    help="a VAE stage's snapshot: a row (default name 'vae-recon:<its dir>') of its reconstruction of the "
                         "ground-truth future; a tokenizer's ceiling before any forecaster is trained; repeatable")
+    p.add_argument("--refiner", metavar="SNAPSHOT",
+                   help="a refiner stage's snapshot (configs/tiny/refiner.py): every --model decodes with its ego-motion "
+                        "prior refiner; each model's VAE must be the one the refiner was trained on (checked)")
     p.add_argument("--via-vae", action="store_true",
                    help="add a '<baseline>+vae' row per --baseline: its forecast encoded and decoded by the first "
                         "model's VAE (how much of the warp survives the tokenizer)")
@@ -85,6 +88,8 @@ def build_rows(args, device):
                          + ", ".join([f"{p}: pool={i.pool}" for p, (_, i) in loaded.items()]
                                      + [f"{r.path}: pool={pool}" for r, pool in vaes]))
     pool = args.pool or (pools.pop() if pools else 1)
+    if args.refiner:
+        attach_refiner(args.refiner, loaded)
     planned = []
     for s in specs:
         pipeline, info = loaded[s.path]
@@ -101,9 +106,31 @@ def build_rows(args, device):
         models.append({"name": name, "snapshot": info.path, "kind": info.kind, "steps": steps,
                        "sampler": "flow_map" if info.flow_map else "euler",
                        "shift": row.shift, "cfg_scale": row.effective_cfg, "ema": True,
-                       "trained_steps": info.step, "git_rev": info.git_rev})
+                       "trained_steps": info.step, "git_rev": info.git_rev,
+                       **({"decoder_refiner": args.refiner} if args.refiner else {})})
     rows += [r for r, _ in vaes]
     return rows, models, loaded, pool
+
+
+def attach_refiner(path: str, loaded: dict) -> None:
+    """Give every loaded pipeline the refiner of the refiner-stage snapshot ``path``. The refiner reads the logits of
+    the VAE it was trained on, so each model's VAE must have exactly those weights (it does when the teacher was
+    trained on the same VAE stage: a refiner can be trained after the teacher)."""
+    snap = load_snapshot(path)
+    if snap.kind != "vae" or "refiner" not in snap.networks:
+        raise ValueError(f"--refiner {path}: not a refiner stage's snapshot (a 'vae' snapshot with a 'refiner' "
+                         f"network; it is {snap.kind!r} with {sorted(snap.networks)})")
+    for model_path, (pipeline, _) in loaded.items():
+        mine = pipeline.codec.vae.state_dict()
+        theirs = snap.weights["vae"]
+        if mine.keys() != theirs.keys() or any(not torch.equal(mine[k].cpu(), theirs[k]) for k in mine):
+            raise ValueError(f"--refiner {path} was trained on another VAE than {model_path}'s; train the refiner "
+                             f"on the VAE stage that model was trained on")
+        refiner = snap.build("refiner").to(next(pipeline.codec.vae.parameters()).device)
+        if refiner.prior == "warp" and getattr(pipeline.net, "traj_mode", None) == "past":
+            raise ValueError(f"--refiner {path} reads the 'warp' prior (future ego poses); {model_path} is "
+                             f"conditioned on the past trajectory")
+        pipeline.codec.refiner = refiner
 
 
 def vae_row(spec: str):
@@ -112,7 +139,7 @@ def vae_row(spec: str):
     snap = load_snapshot(path)
     if snap.kind != "vae":
         raise ValueError(f"--vae {path}: a {snap.kind!r} snapshot, not a VAE stage's (give forecasters with --model)")
-    row = VAEReconstruction(LatentCodec(snap.build("vae"), scale=1.0))
+    row = VAEReconstruction(LatentCodec(snap.build("vae"), scale=1.0, refiner=snap.refiner()))
     row.name = name or f"vae-recon:{Path(snap.path).parent.name}"
     row.path = snap.path
     return row, int(snap.data.get("pool", 1))

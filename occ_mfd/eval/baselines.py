@@ -87,7 +87,8 @@ class VAEReconstruction:
 
     @torch.no_grad()
     def __call__(self, batch, generator: torch.Generator | None = None) -> Forecast:
-        return Forecast(classes=self.codec.decode(self.codec.encode(batch.future)), nfe=0)
+        return Forecast(classes=self.codec.decode(self.codec.encode(batch.future), self.codec.decode_prior(batch)),
+                        nfe=0)
 
 
 class ThroughVAE:
@@ -108,7 +109,7 @@ class ThroughVAE:
     @torch.no_grad()
     def __call__(self, batch, generator: torch.Generator | None = None) -> Forecast:
         warped = self.baseline(batch, generator).classes
-        return Forecast(classes=self.codec.decode(self.codec.encode(warped)), nfe=0)
+        return Forecast(classes=self.codec.decode(self.codec.encode(warped), self.codec.decode_prior(batch)), nfe=0)
 
 
 BASELINES = {"copy-last": lambda grid: CopyLast(), "cv-warp": lambda grid: CVWarp(grid),

@@ -116,7 +116,8 @@ def format_header(protocol: dict) -> str:
     ]
     for m in p["models"]:
         lines.append(f"model     {m['name']}: {m.get('snapshot', '')}  sampler={m.get('sampler', 'euler')} "
-                     f"shift α={m.get('shift')}  steps={m.get('steps')}  CFG={m.get('cfg_scale')}")
+                     f"shift α={m.get('shift')}  steps={m.get('steps')}  CFG={m.get('cfg_scale')}"
+                     + (f"  decoder refiner={m['decoder_refiner']}" if m.get("decoder_refiner") else ""))
     lines.append(f"seed      {p['seed']} ({p['noise']})  batch={p['batch_size']}")
     lines.append(f"runtime   torch {p['torch']}  device={p['device']}  python {p['python']}"
                  + (f"  ranks={p['ranks']} (seconds: rank 0's share)" if p.get("ranks", 1) > 1 else ""))

@@ -139,11 +139,12 @@ def pipeline_stages(pipeline: OccForecastPipeline, steps: int, *, cfg_scale: flo
     def sample(cond):
         x0 = pipeline.noise(cond, torch.Generator().manual_seed(seed))            # (B, F, C, H, W)
         with ctx(x0.device):
-            return pipeline.sample(cond, x0, steps, cfg_scale)                    # (B, F, C, H, W)
+            return pipeline.sample(cond, x0, steps, cfg_scale), cond              # (B, F, C, H, W), its condition
 
-    def decode(x1):
+    def decode(state):
+        x1, cond = state                # the condition rides along: a refining decoder reads its prior voxels
         with ctx(x1.device):
-            return pipeline.decode_logits(x1)                                     # (B, F, K, X, Y, Z)
+            return pipeline.decode_logits(x1, cond)                               # (B, F, K, X, Y, Z)
 
     return [("encode", encode), ("sample", sample), ("decode", decode), ("argmax", pipeline.to_classes)]
 

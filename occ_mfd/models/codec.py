@@ -13,6 +13,7 @@ from torch import nn
 from occ_mfd.ego_motion import prior_frames
 from occ_mfd.models.forecaster import ForecastCond
 from occ_mfd.models.latent_cache import LatentCache
+from occ_mfd.models.prior_refiner import PriorRefiner
 from occ_mfd.models.vae import OccVAE
 
 
@@ -22,12 +23,17 @@ class LatentCodec(nn.Module):
     ``sample=False`` encodes the posterior mean; ``True`` draws μ + σ·ε (as OccFM caches). ``cache_mb`` > 0
     (training stages; mean encoding only) keeps the latents of the frames it has encoded in a
     :class:`~occ_mfd.models.latent_cache.LatentCache`, keyed by the batch's scene and sample tokens.
+    ``refiner`` (a :class:`~occ_mfd.models.prior_refiner.PriorRefiner`, or None): the decoder then also reads the
+    ego-motion prior's voxels (``decode_logits(latents, prior)``; :meth:`decode_prior` makes them from a batch).
     """
 
-    def __init__(self, vae: OccVAE, scale: float = 10.0, sample: bool = False, cache_mb: float = 0.0):
+    def __init__(self, vae: OccVAE, scale: float = 10.0, sample: bool = False, cache_mb: float = 0.0,
+                 refiner: PriorRefiner | None = None):
         super().__init__()
-        self.vae, self.scale, self.sample = vae, float(scale), sample
+        self.vae, self.scale, self.sample, self.refiner = vae, float(scale), sample, refiner
         self.vae.eval().requires_grad_(False)
+        if refiner is not None:
+            refiner.eval().requires_grad_(False)
         if cache_mb and sample:
             raise ValueError("LatentCodec: a latent cache needs deterministic (posterior-mean) encoding, sample=False")
         self.cache = LatentCache(cache_mb) if cache_mb else None
@@ -35,7 +41,22 @@ class LatentCodec(nn.Module):
     def train(self, mode: bool = True):  # the VAE stays in eval mode whatever the parent does
         super().train(mode)
         self.vae.eval()
+        if self.refiner is not None:
+            self.refiner.eval()
         return self
+
+    def networks(self) -> dict[str, nn.Module]:
+        """The codec's networks by snapshot name: ``vae``, and ``refiner`` when it has one (what every stage built
+        on this codec stores in its inference snapshot, :meth:`models.snapshot.Snapshot.codec` rebuilds)."""
+        return {"vae": self.vae, **({"refiner": self.refiner} if self.refiner is not None else {})}
+
+    def decode_prior(self, batch) -> torch.Tensor | None:
+        """(B, F, X, Y, Z) voxels of the ego-motion prior the refiner reads (None without a refiner)."""
+        if self.refiner is None:
+            return None
+        if getattr(batch, "grid", None) is None:
+            raise ValueError("a decoder that reads the ego-motion prior warps voxels and needs the batch's grid")
+        return prior_frames(batch.past, batch.ego, batch.grid, self.refiner.prior)
 
     @torch.no_grad()
     def encode(self, occ: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -87,27 +108,47 @@ class LatentCodec(nn.Module):
 
         return self.cache.fetch(keys, encode).unflatten(0, (B, F))
 
-    def condition(self, batch, prior: str | None = None) -> ForecastCond:
+    def condition(self, batch, prior: str | None = None, decode_prior: bool = False,
+                  past_latents: torch.Tensor | None = None) -> ForecastCond:
         """OccBatch → the forecaster's condition: scaled past latents (B, P, C, H, W), ego poses (B, P+F, 4, 4)
         and, for ``prior`` ∈ :data:`~occ_mfd.ego_motion.PRIORS`, the latents (B, F, C, H, W) of the current frame
         warped to each future frame (the net's ``prior``: see :class:`~occ_mfd.models.forecaster.OccForecaster`).
+        ``decode_prior`` (inference): also the voxels the refiner's decoder reads (``cond.decode_prior``); training
+        stages never decode, so they skip the warp. ``past_latents``: the history's latents when the caller has
+        them already (streaming keeps them between consecutive windows, :mod:`occ_mfd.models.streaming`).
         """
-        prior_latents = None if prior is None else self.prior_latents(batch, prior)
+        frames = self.decode_prior(batch) if decode_prior else None
+        if prior is None:
+            prior_latents = None
+        elif frames is not None and prior == self.refiner.prior and self.cache is None:
+            prior_latents = self.encode(frames)         # the same warp: made once
+        else:
+            prior_latents = self.prior_latents(batch, prior)
         lidar_traj = getattr(batch, "lidar_traj", None)
-        return ForecastCond(past_latents=self.encode_part(batch, "past"), ego=batch.ego.float(),
+        if past_latents is None:
+            past_latents = self.encode_part(batch, "past")
+        return ForecastCond(past_latents=past_latents, ego=batch.ego.float(),
                             prior_latents=prior_latents,
-                            lidar_traj=None if lidar_traj is None else lidar_traj.float())
+                            lidar_traj=None if lidar_traj is None else lidar_traj.float(), decode_prior=frames)
 
     @torch.no_grad()
-    def decode_logits(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, T, C, H, W) scaled latents → (B, T, K, X, Y, Z) logits."""
+    def decode_logits(self, latents: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C, H, W) scaled latents → (B, T, K, X, Y, Z) logits; ``prior`` (B, T, X, Y, Z): the ego-motion
+        prior's voxels, required with a refiner (:meth:`decode_prior`), ignored without."""
         B, T = latents.shape[:2]
-        return self.vae.decode(latents.flatten(0, 1) / self.scale).unflatten(0, (B, T))
+        logits = self.vae.decode(latents.flatten(0, 1) / self.scale)                 # (B·T, K, X, Y, Z)
+        if self.refiner is not None:
+            if prior is None or prior.shape[:2] != (B, T):
+                got = None if prior is None else tuple(prior.shape)
+                raise ValueError(f"this codec's decoder reads the ego-motion prior ({self.refiner.prior!r} refiner): "
+                                 f"decode_logits needs its voxels (B, T, X, Y, Z) = ({B}, {T}, …), got {got}")
+            logits = self.refiner(logits, prior.flatten(0, 1))
+        return logits.unflatten(0, (B, T))
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, C, H, W) scaled latents → (B, T, X, Y, Z) uint8 class ids (argmax over the classes)."""
-        return logits_to_classes(self.decode_logits(latents))
+        return logits_to_classes(self.decode_logits(latents, prior))
 
 
 def logits_to_classes(logits: torch.Tensor) -> torch.Tensor:

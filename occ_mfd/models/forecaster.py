@@ -53,12 +53,15 @@ class ForecastCond:
     lidar_traj: (B, P+F, 2) per frame, the (dx, dy) in metres of the LiDAR origin from that keyframe to the next, in
         that keyframe's LiDAR frame (upstream OccFM / VAD convention), zero where there is no next keyframe; or None.
         Only the released OccFM's flow net reads it (:mod:`occ_mfd.models.occfm_official.adapter`).
+    decode_prior: (B, F, X, Y, Z) voxels of the ego-motion prior that a refining decoder reads
+        (:class:`~occ_mfd.models.prior_refiner.PriorRefiner`), or None; no network reads it.
     """
 
     past_latents: torch.Tensor
     ego: torch.Tensor
     prior_latents: torch.Tensor | None = None
     lidar_traj: torch.Tensor | None = None
+    decode_prior: torch.Tensor | None = None
 
 
 def ego_trajectory(ego: torch.Tensor, xy_scale: float = 0.02) -> torch.Tensor:

@@ -63,6 +63,11 @@ class OccForecastPipeline(nn.Module):
     def __init__(self, codec: LatentCodec, net: nn.Module, sampler: SamplerSettings = OCCFM_SAMPLER,
                  fused_cfg: bool = True):
         super().__init__()
+        refiner = getattr(codec, "refiner", None)
+        if refiner is not None and refiner.prior == "warp" and getattr(net, "traj_mode", None) == "past":
+            # "warp" reads the true future poses: a past-conditioned forecaster's decoder must not see them.
+            raise ValueError("the codec's refiner reads the 'warp' prior (the future ego poses): a forecaster "
+                             "conditioned on the past trajectory needs a 'cv-warp' refiner")
         self.codec, self.net, self.sampler, self.fused_cfg = codec, net, sampler, fused_cfg
 
     @property
@@ -79,9 +84,10 @@ class OccForecastPipeline(nn.Module):
 
     # ---------------------------------------------------------------------------------------- stages
     def encode(self, batch) -> ForecastCond:
-        """OccBatch → condition: scaled past latents (B, P, C, H, W), ego poses (B, P+F, 4, 4) and the net's
-        ego-motion prior latents (B, F, C, H, W) when it has one."""
-        return self.codec.condition(batch, getattr(self.net, "prior", None))
+        """OccBatch → condition: scaled past latents (B, P, C, H, W), ego poses (B, P+F, 4, 4), the net's
+        ego-motion prior latents (B, F, C, H, W) when it has one, and the prior's voxels when the decoder reads
+        them (a codec with a refiner)."""
+        return self.codec.condition(batch, getattr(self.net, "prior", None), decode_prior=True)
 
     def noise(self, cond: ForecastCond, generator: torch.Generator | None = None) -> torch.Tensor:
         """x0 ~ N(0, I) of shape (B, F, C, H, W), float32.
@@ -113,9 +119,10 @@ class OccForecastPipeline(nn.Module):
             x1 = x1 + cond.prior_latents
         return x1
 
-    def decode_logits(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, F, C, H, W) → (B, F, K, X, Y, Z) logits."""
-        return self.codec.decode_logits(latents)
+    def decode_logits(self, latents: torch.Tensor, cond: ForecastCond | None = None) -> torch.Tensor:
+        """(B, F, C, H, W) → (B, F, K, X, Y, Z) logits; ``cond``: the condition the latents were sampled under
+        (its ``decode_prior`` feeds a refining decoder)."""
+        return self.codec.decode_logits(latents, None if cond is None else cond.decode_prior)
 
     @staticmethod
     def to_classes(logits: torch.Tensor) -> torch.Tensor:
@@ -129,5 +136,5 @@ class OccForecastPipeline(nn.Module):
         """encode → noise → sample → decode → argmax; ``steps`` / ``cfg_scale`` None: the sampler's."""
         cond = self.encode(batch)
         x1 = self.sample(cond, self.noise(cond, generator), steps, cfg_scale)
-        classes = self.to_classes(self.decode_logits(x1))
+        classes = self.to_classes(self.decode_logits(x1, cond))
         return Forecast(classes=classes, nfe=self.steps if steps is None else int(steps), latents=x1)

@@ -93,7 +93,11 @@ class Snapshot:
         if self.latent_scale is None:
             raise ValueError(f"snapshot {self.path or '(description)'} ({self.kind}) has no latent scale: "
                              f"it is not a forecaster")
-        return LatentCodec(self.build("vae"), scale=self.latent_scale, cache_mb=cache_mb)
+        return LatentCodec(self.build("vae"), scale=self.latent_scale, cache_mb=cache_mb, refiner=self.refiner())
+
+    def refiner(self):
+        """The decoder's ego-motion-prior refiner (:mod:`models.prior_refiner`), or None when the VAE has none."""
+        return self.build("refiner") if "refiner" in self.networks else None
 
     def pipeline(self) -> OccForecastPipeline:
         """The forecaster this snapshot describes (teacher at its sampler, or a one-step student)."""

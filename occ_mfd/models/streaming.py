@@ -99,11 +99,8 @@ class StreamingForecaster:
     def condition(self, batch, past_latents: torch.Tensor) -> ForecastCond:
         """The forecaster's condition from ``past_latents`` (1, P, C, H, W) and this batch's poses, prior and LiDAR
         trajectory: ``codec.condition`` with the history latents given (the prior is warped and encoded here)."""
-        codec, prior = self.pipeline.codec, getattr(self.pipeline.net, "prior", None)
-        lidar_traj = getattr(batch, "lidar_traj", None)
-        return ForecastCond(past_latents=past_latents, ego=batch.ego.float(),
-                            prior_latents=None if prior is None else codec.prior_latents(batch, prior),
-                            lidar_traj=None if lidar_traj is None else lidar_traj.float())
+        return self.pipeline.codec.condition(batch, getattr(self.pipeline.net, "prior", None), decode_prior=True,
+                                             past_latents=past_latents)
 
     def encode(self, batch) -> ForecastCond:
         """The streaming twin of :meth:`OccForecastPipeline.encode`."""
@@ -117,5 +114,5 @@ class StreamingForecaster:
         pipe = self.pipeline
         cond = self.encode(batch)
         x1 = pipe.sample(cond, pipe.noise(cond, generator), steps, cfg_scale)
-        classes = pipe.to_classes(pipe.decode_logits(x1))
+        classes = pipe.to_classes(pipe.decode_logits(x1, cond))
         return Forecast(classes=classes, nfe=pipe.steps if steps is None else int(steps), latents=x1)

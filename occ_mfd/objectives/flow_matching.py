@@ -128,7 +128,8 @@ class OccFlowTeacher(FlowMatchingObjective):
             raise ValueError("objective.net must not set latent_channels: it is the VAE's")
         else:
             forecaster = OccForecaster(latent_channels=vae_model.latent_channels, **net)
-        super().__init__(forecaster, LatentPrepare(LatentCodec(vae_model, scale=latent_scale, cache_mb=latent_cache_mb),
+        codec = LatentCodec(vae_model, scale=latent_scale, cache_mb=latent_cache_mb, refiner=vae_snap.refiner())
+        super().__init__(forecaster, LatentPrepare(codec,
                                                      forecaster.prior, forecaster.residual),
                          time_sampler=LogitNormalTime(time_mean, time_std), cond_drop_prob=cond_drop_prob)
         self.sampler = SamplerSettings(int(steps), float(shift), float(cfg_scale))
@@ -146,5 +147,5 @@ class OccFlowTeacher(FlowMatchingObjective):
         return self._source
 
     def inference_parts(self) -> InferenceParts:
-        return InferenceParts("teacher", {"vae": self.codec.vae, "net": self.net},
+        return InferenceParts("teacher", {**self.codec.networks(), "net": self.net},
                               latent_scale=self.codec.scale, sampler=self.sampler)

@@ -66,5 +66,5 @@ class OccStudentStage:
 
     def inference_parts(self) -> InferenceParts:
         codec = self.prepare.codec
-        return InferenceParts(self.kind, {"vae": codec.vae, "net": self.student}, latent_scale=codec.scale,
+        return InferenceParts(self.kind, {**codec.networks(), "net": self.student}, latent_scale=codec.scale,
                               sampler=ONE_STEP_SAMPLER)
