@@ -34,7 +34,8 @@ OCC_METHODS = {
     "ayf": ("ayf", {}), "mfd_coupled": ("mfd", {"noise": "coupled"}), "vsd_max2": ("vsd", {"vsd_time": "max2"}),
     "ayf_meanflow": ("ayf", {"time_sampler": "meanflow"}),
     "meanflow": ("meanflow", {}), "meanflow_official": ("meanflow", {"time_sampler": "meanflow"}),
-    "tvm": ("tvm", {}), "freeflow": ("freeflow", {}), "smf": ("smf", {}),
+    "tvm": ("tvm", {}), "freeflow": ("freeflow", {}), "freeflow_rw": ("freeflow", {"corrector_weighting": "r"}),
+    "freeflow_vsd": ("freeflow", {"corrector_weighting": "r", "corrector_time": "uniform"}), "smf": ("smf", {}),
     "smf_no_warmup": ("smf", {"discrete_updates": 0}), "smf_no_align": ("smf", {"align_weight": 0.0}),
 }
 #: SMF's discrete warm-up K_w as a share of the study's update budget (DISTILLERS.md §8: 25 %).

@@ -16,7 +16,9 @@ intra-segment guidance + IDA λ = 0.97, no discriminator), ``cd`` (one-step cons
 target 0.95, pseudo-Huber; it uses data samples, no aux), ``ayf`` (AYF-EMD: a two-time flow-map student, the fitted
 MLP + a zero-initialised Δt path; c = 0.1, warm-up H = 10 % of ``--updates``, times "fastgen_endpoint"; data
 samples, no aux), the rest of the flow-map family on the same student (:func:`flow_map_objective`): ``meanflow``,
-``smf`` (ablations ``smf_no_warmup``, ``smf_no_align``), ``tvm``, ``freeflow`` (data-free, aux at 4:1), and
+``smf`` (ablations ``smf_no_warmup``, ``smf_no_align``), ``tvm``, ``freeflow`` (data-free, aux at 4:1;
+``freeflow_rw``: its corrector weighted by r; ``freeflow_vsd``: weighted by r ~ U(0, 1), VSD's corrector; project
+options, occ_mfd/objectives/freeflow.py), and
 ablations ``mfd_coupled`` (x_s from the generator's own noise), ``vsd_max2`` (t = max of two
 uniforms), ``mfd_h<H>``, ``senseflow_isg<W>`` (λ_ISG = W), ``ayf_meanflow`` (AYF with the previous "meanflow" time sampler, occ_mfd/objectives/ayf.py).
 Suite ``occ`` (§12 C, ``benchmarks/distill_occ.py``): each method's ``configs/tiny`` config through the real
@@ -68,7 +70,8 @@ from occ_mfd.objectives.tvm import TerminalVelocityMatching  # noqa: E402
 SUITES = {"toy", "cond", "occ"}
 PLANNED_SUITES: set[str] = set()
 #: The flow-map family beside AYF (two-time students, occ_mfd/objectives/{meanflow,smf,tvm,freeflow}.py).
-FLOW_MAP_METHODS = ("meanflow", "smf", "tvm", "freeflow", "smf_no_warmup", "smf_no_align", "meanflow_official")
+FLOW_MAP_METHODS = ("meanflow", "smf", "tvm", "freeflow", "smf_no_warmup", "smf_no_align", "meanflow_official",
+                    "freeflow_rw", "freeflow_vsd")
 METHODS = ("mfd", "vsd", "dmd2", "senseflow", "cd", "ayf", "mfd_coupled", "vsd_max2",
            "ayf_meanflow") + FLOW_MAP_METHODS
 PLANNED_METHODS = ()
@@ -119,7 +122,8 @@ def flow_map_objective(name: str, teacher, student, aux, cfg: dict, cfg_scale: f
     (MeanFlow distillation; ``meanflow_official``: with the official time sampler, 25 % at s = t), ``smf`` (discrete
     warm-up for 25 % of ``cfg["updates"]``, then MeanFlow + trajectory alignment against the aux at 4:1; ablations
     ``smf_no_warmup``, ``smf_no_align``), ``tvm`` (terminal velocity matching), ``freeflow`` (data-free predictor +
-    corrector against the aux at 4:1). Data-based methods read ``data_prepare``, FreeFlow only ``prepare``."""
+    corrector against the aux at 4:1; ``freeflow_rw``: corrector_weighting="r"; ``freeflow_vsd``: that and
+    corrector_time="uniform"). Data-based methods read ``data_prepare``, FreeFlow only ``prepare``."""
     if name in ("meanflow", "meanflow_official"):
         sampler = "meanflow" if name == "meanflow_official" else "fastgen_endpoint"
         return MeanFlow(teacher, student, data_prepare, cfg_scale=cfg_scale, time_sampler=sampler)
@@ -131,8 +135,11 @@ def flow_map_objective(name: str, teacher, student, aux, cfg: dict, cfg_scale: f
                                   aux_steps=cfg["aux_steps"])
     if name == "tvm":
         return TerminalVelocityMatching(teacher, student, data_prepare, cfg_scale=cfg_scale)
-    if name == "freeflow":
-        return FreeFlow(teacher, student, aux, prepare, cfg_scale=cfg_scale, aux_steps=cfg["aux_steps"])
+    if name in ("freeflow", "freeflow_rw", "freeflow_vsd"):
+        # project options, not the spec: the corrector weighted by r (rw), and r ~ U(0, 1) besides (vsd)
+        return FreeFlow(teacher, student, aux, prepare, cfg_scale=cfg_scale, aux_steps=cfg["aux_steps"],
+                        corrector_weighting="uniform" if name == "freeflow" else "r",
+                        corrector_time="uniform" if name == "freeflow_vsd" else "logit_normal")
     raise ValueError(f"{name!r} is not a flow-map method ({', '.join(FLOW_MAP_METHODS)})")
 
 

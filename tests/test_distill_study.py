@@ -41,7 +41,8 @@ def test_quick_cond_study_row(tmp_path):
 
 def test_unknown_names_are_clear_errors():
     for name in ("senseflow", "ayf", "ayf_meanflow", "senseflow_isg0.5", "mfd_h0.01", "meanflow", "smf", "tvm",
-                 "freeflow", "smf_no_warmup", "smf_no_align", "meanflow_official"):   # implemented now
+                 "freeflow", "smf_no_warmup", "smf_no_align", "meanflow_official", "freeflow_rw",
+                 "freeflow_vsd"):   # implemented now
         check_method(name)
     with pytest.raises(SystemExit, match="unknown method 'senseflow_isg'"):
         check_method("senseflow_isg")
@@ -55,6 +56,8 @@ def test_unknown_names_are_clear_errors():
     assert occ_method("smf_no_warmup") == ("smf", {"discrete_updates": 0})
     assert occ_method("smf_no_align") == ("smf", {"align_weight": 0.0})
     assert [occ_method(m)[0] for m in ("meanflow", "tvm", "freeflow")] == ["meanflow", "tvm", "freeflow"]
+    assert occ_method("freeflow_rw") == ("freeflow", {"corrector_weighting": "r"})
+    assert occ_method("freeflow_vsd") == ("freeflow", {"corrector_weighting": "r", "corrector_time": "uniform"})
 
 
 @pytest.mark.slow
@@ -143,9 +146,10 @@ def test_quick_flow_map_family_rows_match_the_others(tmp_path, suite, updates, n
     """The flow-map family gets the same student updates and row fields as DMD2. NFE per student update (median):
     MeanFlow = teacher + student + the JVP's 2; TVM = two teacher calls + student + JVP; SMF in phase B (75 % of the
     updates) = MeanFlow's + the alignment's student, teacher and aux; without alignment its median is MeanFlow's;
-    FreeFlow = teacher + student + 2·(predictor share) + (corrector share) aux: between 3 and 4. Under CFG (cond)
+    FreeFlow (and its project option freeflow_vsd) = teacher + student + 2·(predictor share) + (corrector share) aux:
+    between 3 and 4. Under CFG (cond)
     every teacher call counts 2."""
-    methods = ["dmd2", *nfe, "freeflow"]
+    methods = ["dmd2", *nfe, "freeflow", "freeflow_vsd"]
     out = tmp_path / "f.json"
     assert main(["--quick", "--suite", suite, "--methods", *methods, "--seeds", "0", "--updates", str(updates),
                  "--out", str(out)]) == 0
@@ -156,7 +160,7 @@ def test_quick_flow_map_family_rows_match_the_others(tmp_path, suite, updates, n
     assert all(set(r) == set(rows["dmd2"]) for r in rows.values())
     assert {m: rows[m]["nfe_per_update"] for m in nfe} == nfe
     cfg = 1 if suite == "toy" else 2
-    assert cfg + 2 < rows["freeflow"]["nfe_per_update"] < cfg + 3
+    assert all(cfg + 2 < rows[m]["nfe_per_update"] < cfg + 3 for m in ("freeflow", "freeflow_vsd"))
     assert set(res["summary"][suite]) == set(methods)
 
 
@@ -176,3 +180,7 @@ def test_occ_smf_budget_is_exactly_the_student_updates(stages):
     assert cfg.objective.discrete_updates == 2 and cfg.objective.switch_loss_ratio == 0.0
     assert set(cfg.optim) == {"student", "aux"}
     assert set(method_config("smf_no_align", 0, 8, str(data), teacher).optim) == {"student"}   # no aux group
+    ff = {m: method_config(m, 0, 8, str(data), teacher).objective for m in ("freeflow", "freeflow_vsd")}
+    assert (ff["freeflow"].corrector_weighting, ff["freeflow"].corrector_time) == ("uniform", "logit_normal")  # spec
+    assert (ff["freeflow_vsd"].corrector_weighting, ff["freeflow_vsd"].corrector_time) == ("r", "uniform")
+    assert method_config("freeflow_vsd", 0, 8, str(data), teacher).train.max_steps == 40

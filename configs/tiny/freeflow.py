@@ -14,6 +14,8 @@ objective = dict(
     predictor_ratio=0.75,
     norm_k=1.0, norm_eps=0.01,      # predictor weight sg((‖Δ_G‖²/d + ε)^(−k))
     corrector_mean=-1.4, corrector_std=1.0,   # r = sigmoid(N(−1.4, 1)): biased to the noise end
+    corrector_weighting="uniform",   # the spec; "r": each corrector sample weighted by r (project option, freeflow.py)
+    corrector_time="logit_normal",   # the spec; "uniform": r ~ U(0, 1); both options: VSD's corrector ("freeflow_vsd")
     balance_alpha=1.0, balance_decay=0.9,     # λ = α·E[predictor gradient] / E‖Δ_N‖ (freeflow.py doc)
     jvp="auto", fd_eps=1e-4,
     latent_cache_mb=512,

@@ -33,6 +33,22 @@ Decisions where the source is silent [UNVERIFIED]:
 * The predictor and corrector samples split one batch at random per sample (not a fixed 3:1 split), so their
   expected shares are right at any batch size.
 
+Options ``corrector_weighting`` and ``corrector_time`` (project decisions, not the spec; the defaults are the spec's):
+* ``corrector_weighting="uniform"`` (§9): every r weighs the same, L_corr = λ·⟨sg(Δ_N), x1⟩/d.
+  ``"r"``: the per-sample corrector term is weighted by its r, L_corr = λ·r·⟨sg(Δ_N), x1⟩/d, so ∂L/∂x1 = λ r Δ_N/d,
+  as VSD's gradient at x1 is t·(v_A − v_T^w) (its x_t carries x1 with weight t); λ's denominator becomes
+  E_corr‖r Δ_N‖, so the corrector's mean gradient norm is still the predictor's and only its spread over r changes.
+* ``corrector_time="logit_normal"`` (§9): r = sigmoid(N(corrector_mean, corrector_std²)), biased to noise.
+  ``"uniform"``: r ~ U(0, 1) (still reaching the pure-noise end, which the paper's ablation requires).
+  Both together (study method ``freeflow_vsd``) make the corrector VSD's / Diff-Instruct's: t ~ U(0, 1), weight t.
+Why: with CFG the guided velocity near noise (small r) is extrapolated (its mean tends to 2·E[x1|c] − E[x1] at
+w = 2), not the velocity of the guided ODE's samples, so a corrector that puts most of its weight near the noise end
+pulls the student toward a point that is not the teacher's distribution: the spec's FreeFlow diverges on the
+CFG-guided conditional toy (README). Measured there (benchmarks/distill_study.py, seeds 0 1 2, 600 updates, ED to
+the guided teacher, initial student 0.71): spec 1.095 ± 0.049, r-weighting alone (``freeflow_rw``) 0.576 ± 0.075,
+VSD's corrector (``freeflow_vsd``) 0.047 ± 0.004; on the ring toy 0.0122 ± 0.0075 / 0.0088 ± 0.0050 /
+0.0065 ± 0.0021 (within the spread). The defaults stay the spec's: the option is not clearly better on both suites.
+
 Cost per student update (§0.7): 0.75·(guided teacher 2F + J + student 3F) + 0.25·(student 3F + guided teacher 2F +
 aux F) + 4F per aux update.
 """
@@ -79,13 +95,19 @@ class FreeFlow(MeanFlowDistillation):
 
     Args: cfg_scale of the teacher; aux_steps, student_steps: the aux:student schedule; predictor_ratio the
     predictor share; norm_k k and norm_eps ε of the predictor weight; corrector_mean / corrector_std of r's
-    logit-normal; balance_alpha α; balance_decay of the λ EMAs; jvp "auto" | "func" | "fd"; fd_eps.
+    logit-normal; corrector_weighting "uniform" (the spec) | "r" (each corrector sample weighted by its r) and
+    corrector_time "logit_normal" (the spec) | "uniform" (r ~ U(0, 1)): project options, see the module doc;
+    balance_alpha α; balance_decay of the λ EMAs; jvp "auto" | "func" | "fd"; fd_eps.
     """
+
+    CORRECTOR_WEIGHTINGS = ("uniform", "r")
+    CORRECTOR_TIMES = ("logit_normal", "uniform")
 
     def __init__(self, teacher: nn.Module, student: nn.Module, aux: nn.Module, prepare: Callable[[Any], tuple], *,
                  cfg_scale: float = 1.0, aux_steps: int = 4, student_steps: int = 1, predictor_ratio: float = 0.75,
                  norm_k: float = 1.0, norm_eps: float = 0.01, corrector_mean: float = -1.4,
-                 corrector_std: float = 1.0, balance_alpha: float = 1.0, balance_decay: float = 0.9,
+                 corrector_std: float = 1.0, corrector_weighting: str = "uniform",
+                 corrector_time: str = "logit_normal", balance_alpha: float = 1.0, balance_decay: float = 0.9,
                  jvp: str = "auto", fd_eps: float = 1e-4):
         require_flow_map(student, type(self).__name__)
         if aux is student.flow_map:
@@ -98,14 +120,21 @@ class FreeFlow(MeanFlowDistillation):
             raise ValueError(f"need 0 < predictor_ratio <= 1, norm_k >= 0, norm_eps > 0, corrector_std > 0; got "
                              f"{predictor_ratio}, {norm_k}, {norm_eps}, {corrector_std} (a corrector-only run has "
                              "no predictor gradient to balance λ against)")
+        if corrector_weighting not in self.CORRECTOR_WEIGHTINGS:
+            raise ValueError(f"corrector_weighting must be one of {self.CORRECTOR_WEIGHTINGS}, got "
+                             f"{corrector_weighting!r}")
+        if corrector_time not in self.CORRECTOR_TIMES:
+            raise ValueError(f"corrector_time must be one of {self.CORRECTOR_TIMES}, got {corrector_time!r}")
         if balance_alpha < 0 or not 0.0 <= balance_decay < 1.0:
             raise ValueError(f"need balance_alpha >= 0 and 0 <= balance_decay < 1, got {balance_alpha}, "
                              f"{balance_decay}")
         self.predictor_ratio, self.norm_k, self.norm_eps = float(predictor_ratio), float(norm_k), float(norm_eps)
         self.corrector_mean, self.corrector_std = float(corrector_mean), float(corrector_std)
+        self.corrector_weighting, self.corrector_time = corrector_weighting, corrector_time
         self.balance_alpha, self.balance_decay = float(balance_alpha), float(balance_decay)
         self._jvp_backend = JvpBackend(jvp, fd_eps, what="FreeFlow")
-        # EMAs of E_pred[2 w ‖Δ_G‖] and E_corr ‖Δ_N‖ for λ (NaN: no value yet), checkpointed.
+        # EMAs of E_pred[2 w ‖Δ_G‖] and E_corr ‖ρ Δ_N‖ (ρ = 1 or r, see corrector_weighting) for λ (NaN: no value
+        # yet), checkpointed.
         self.register_buffer("_pred_grad", torch.tensor(math.nan, dtype=torch.float64))
         self.register_buffer("_corr_norm", torch.tensor(math.nan, dtype=torch.float64))
 
@@ -124,7 +153,8 @@ class FreeFlow(MeanFlowDistillation):
                   + (1 - self.balance_decay) * value)
 
     def balance(self) -> float:
-        """λ = α·EMA(E_pred[2 w ‖Δ_G‖]) / (EMA(E_corr‖Δ_N‖) + 1e-8); 0 until both have a value."""
+        """λ = α·EMA(E_pred[2 w ‖Δ_G‖]) / (EMA(E_corr‖ρ Δ_N‖) + 1e-8) (ρ: the corrector weight, 1 or r); 0 until
+        both have a value."""
         if math.isnan(float(self._pred_grad)) or math.isnan(float(self._corr_norm)):
             return 0.0
         return self.balance_alpha * float(self._pred_grad) / (float(self._corr_norm) + 1e-8)
@@ -146,14 +176,23 @@ class FreeFlow(MeanFlowDistillation):
         # mean over samples of 2 w ‖Δ_G‖: d × the norm of the per-sample gradient 2 w Δ_G / d at u (λ's numerator)
         return per, delta, {"pred_grad": float((2 * w * delta.flatten(1).norm(dim=1)).mean())}
 
+    def corrector_times(self, n: int, device, dtype) -> torch.Tensor:
+        """(n,) corrector times: r = sigmoid(N(corrector_mean, corrector_std²)), biased to the noise end (the spec),
+        or r ~ U(0, 1) (``corrector_time="uniform"``)."""
+        if self.corrector_time == "uniform":
+            return torch.rand(n, device=device, dtype=dtype)
+        return torch.sigmoid(self.corrector_mean + self.corrector_std * torch.randn(n, device=device, dtype=dtype))
+
     def corrector(self, z: torch.Tensor, cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(⟨sg(Δ_N), x1⟩/d per sample (B,), Δ_N (B, ...)) for x1 = X_θ(z, 1) (with grad)."""
+        """(ρ·⟨sg(Δ_N), x1⟩/d per sample (B,), ρ·Δ_N (B, ...)) for x1 = X_θ(z, 1) (with grad); ρ = 1 (uniform, the
+        spec) or r (``corrector_weighting="r"``): the second value is d × the per-sample gradient at x1."""
         x1 = self.generate(z, cond).to(z.dtype)
-        r = torch.sigmoid(self.corrector_mean + self.corrector_std * torch.randn(z.shape[0], device=z.device,
-                                                                                  dtype=z.dtype))
+        r = self.corrector_times(z.shape[0], z.device, z.dtype)
         with torch.no_grad():
             x_r = LinearPath().interpolate(torch.randn_like(z), x1.detach(), r)
             diff = guided(self.aux, 1.0)(x_r, r, cond) - guided(self.teacher, self.cfg_scale)(x_r, r, cond)
+            if self.corrector_weighting == "r":
+                diff = expand_time(r, diff) * diff
         return (diff * x1).flatten(1).mean(1), diff
 
     # ---------------------------------------------------------------- the loss
@@ -199,12 +238,14 @@ class OccFreeFlow(OccStudentStage, FreeFlow):
     def __init__(self, teacher_snapshot: str | None = None, teacher: dict | None = None,
                  cfg_scale: float | None = None, aux_steps: int = 4, student_steps: int = 1,
                  predictor_ratio: float = 0.75, norm_k: float = 1.0, norm_eps: float = 0.01,
-                 corrector_mean: float = -1.4, corrector_std: float = 1.0, balance_alpha: float = 1.0,
-                 balance_decay: float = 0.9, jvp: str = "auto", fd_eps: float = 1e-4, latent_cache_mb: float = 0.0):
+                 corrector_mean: float = -1.4, corrector_std: float = 1.0, corrector_weighting: str = "uniform",
+                 corrector_time: str = "logit_normal", balance_alpha: float = 1.0, balance_decay: float = 0.9,
+                 jvp: str = "auto", fd_eps: float = 1e-4, latent_cache_mb: float = 0.0):
         t = load_occ_teacher(teacher_snapshot, teacher, latent_cache_mb=latent_cache_mb)
         super().__init__(t.teacher, flow_map_student(t.student), t.aux, t.prepare,
                          cfg_scale=t.cfg_scale if cfg_scale is None else float(cfg_scale), aux_steps=aux_steps,
                          student_steps=student_steps, predictor_ratio=predictor_ratio, norm_k=norm_k,
                          norm_eps=norm_eps, corrector_mean=corrector_mean, corrector_std=corrector_std,
+                         corrector_weighting=corrector_weighting, corrector_time=corrector_time,
                          balance_alpha=balance_alpha, balance_decay=balance_decay, jvp=jvp, fd_eps=fd_eps)
         self._remember(t)
