@@ -49,7 +49,7 @@ def _run_chain(stages, batch):
     with torch.inference_mode():
         for name, fn in stages:
             x = fn(x)
-            outs[name] = x
+            outs[name] = x[0] if name == "sample" else x     # sample hands on (latents, condition): keep the latents
     return outs
 
 
