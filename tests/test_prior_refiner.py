@@ -128,26 +128,3 @@ def test_teacher_on_a_refiner_snapshot_decodes_with_the_prior(tmp_path):
     pipe.codec.refiner.prior = "warp"
     with pytest.raises(ValueError, match="past trajectory"):
         OccForecastPipeline(pipe.codec, pipe.net)
-
-
-@pytest.mark.parametrize("ratio", [0.0, 1.0])
-def test_prior_latent_ratio_chooses_what_is_encoded(tmp_path, ratio):
-    """prior_latent_ratio = 1: every encoded frame is a prior frame (the warp), never the truth; 0: the truth."""
-    from occ_mfd.ego_motion import prior_frames
-
-    obj, batch, _, _ = _refiner_stage(tmp_path)
-    obj.prior_latent_ratio = ratio
-    seen = []
-    encode = obj.vae.encode
-    obj.vae.encode = lambda occ: (seen.append(occ.clone()), encode(occ))[1]
-    obj(batch)
-    prior = prior_frames(batch.past, batch.ego, batch.grid, "cv-warp")[0].long()       # (F, X, Y, Z)
-    future = batch.future[0].long()
-    (frames,) = seen
-    is_prior = [any(torch.equal(f, p) for p in prior) for f in frames]
-    is_future = [any(torch.equal(f, t) for t in future) for f in frames]
-    assert len(frames) == 2
-    assert all(is_prior) if ratio == 1.0 else all(is_future)
-    assert not any(is_future) if ratio == 1.0 else not any(is_prior)      # the moving test world: they differ
-    with pytest.raises(ValueError, match="prior_latent_ratio"):
-        type(obj)(vae_snapshot=str(tmp_path / "vae.pt"), prior_latent_ratio=1.5)

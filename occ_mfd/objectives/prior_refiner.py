@@ -11,12 +11,6 @@ never exact, and a refiner trained only on exact ones learns to trust them every
 VAE; the refiner corrects those logits with the frame's ego-motion prior (the current frame warped by the
 extrapolated ego motion: what inference has). Loss: class-balanced cross-entropy + Lovász-softmax on the refined
 logits (:class:`~occ_mfd.models.vae_loss.VAELoss` without its KL term; the point is the small classes).
-
-``prior_latent_ratio``: the share of samples whose latents are those of the *prior* frame instead of the true one
-(target still the true frame). A forecaster that has learned little beyond its prior (a residual teacher starts as
-the prior) hands the decoder latents close to the prior's, which the VAE decodes without the small objects the warp
-kept; on these samples the refiner learns to put them back from the prior voxels, and what the warp gets wrong it
-can only learn as the average correction.
 """
 from __future__ import annotations
 
@@ -37,8 +31,7 @@ class PriorRefinerObjective(Objective):
     ``num_classes`` / ``grid_z``) on the frozen VAE of ``vae_snapshot`` (or, in stored configs, its description)."""
 
     def __init__(self, refiner: dict | None = None, vae_snapshot: str | None = None, vae: dict | None = None,
-                 frames: int = 2, latent_noise: float = 0.5, prior_latent_ratio: float = 0.0,
-                 loss: VAELoss | None = None):
+                 frames: int = 2, latent_noise: float = 0.5, loss: VAELoss | None = None):
         super().__init__()
         snap, desc = snapshot_or_description(vae_snapshot, vae, "vae", kinds=("vae",))
         if "refiner" in snap.networks:
@@ -48,12 +41,11 @@ class PriorRefinerObjective(Objective):
         for k in ("num_classes", "grid_z"):
             if k in refiner:
                 raise ValueError(f"objective.refiner must not set {k}: it is the VAE's")
-        if frames < 1 or latent_noise < 0 or not 0.0 <= prior_latent_ratio <= 1.0:
-            raise ValueError(f"need frames ≥ 1, latent_noise ≥ 0, 0 ≤ prior_latent_ratio ≤ 1; got {frames}, "
-                             f"{latent_noise}, {prior_latent_ratio}")
+        if frames < 1 or latent_noise < 0:
+            raise ValueError(f"frames must be ≥ 1 and latent_noise ≥ 0, got {frames}, {latent_noise}")
         self.vae = snap.build("vae")                                  # frozen, eval mode
         self.refiner = PriorRefiner(num_classes=self.vae.num_classes, grid_z=self.vae.grid_z, **refiner)
-        self.frames, self.latent_noise, self.prior_latent_ratio = int(frames), float(latent_noise), float(prior_latent_ratio)
+        self.frames, self.latent_noise = int(frames), float(latent_noise)
         self.loss = loss or VAELoss(kl_weight=0.0, class_balance=True)
         self._portable = {"vae_snapshot": None, "vae": desc} if desc is not None else {}
         self._source = (f"VAE snapshot {snap.path or '(stored description)'}", snap.grid)
@@ -87,9 +79,7 @@ class PriorRefinerObjective(Objective):
         with torch.no_grad():
             prior = prior_frames(batch.past, batch.ego, batch.grid, self.refiner.prior)[rows, pick].flatten(0, 1)
             target = batch.future[rows, pick].flatten(0, 1).long()                             # (B·n, X, Y, Z)
-            from_prior = torch.rand(target.shape[0], device=target.device) < self.prior_latent_ratio
-            source = torch.where(from_prior[:, None, None, None], prior.long(), target)         # what is encoded
-            z = self.vae.encode(source).mean                                                    # (B·n, C, H, W)
+            z = self.vae.encode(target).mean                                                    # (B·n, C, H, W)
             scale = torch.rand(z.shape[0], 1, 1, 1, device=z.device) * self.latent_noise * z.std()
             logits = self.vae.decode(z + scale * torch.randn_like(z))                           # (B·n, K, X, Y, Z)
         refined = self.refiner(logits, prior)
