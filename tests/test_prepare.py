@@ -196,3 +196,18 @@ def test_parallel_calls_use_their_own_source_and_thread_limits(world, tmp_path, 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     res = run_prepare(other, V, tmp_path / "o", SMALL, workers=2, progress=False, skip_bad=True)
     assert res["bad_messages"] == [f"{other}|2|2"] * 2 and os.environ["OMP_NUM_THREADS"] == "2"
+
+
+def test_dry_run_estimate_is_setup_plus_the_busiest_worker(world, src):
+    """The estimate's arithmetic: scenes are the unit of parallel work, so 4 workers on 2 scenes run 2 at a time;
+    three keyframes (first, middle, last) of the first scene are timed; nothing is written."""
+    before = sorted(p.name for p in world.iterdir())
+    est = prepare.dry_run(world, V, SMALL, workers=4, src=src)
+    nkf = [s["nbr_samples"] for s in src.nusc.scene]
+    assert est["keyframes"] == sum(nkf) and est["scenes"] == 2 and est["parallel_scenes"] == 2
+    assert est["keyframes_timed"] == 3 and est["setup_seconds"] < 0.5       # the source was handed in: no load
+    expect = est["setup_seconds"] + est["seconds_per_keyframe"] * max(sum(nkf) / 2, max(nkf))
+    assert est["estimated_seconds"] == pytest.approx(expect) and est["estimated_hours"] == pytest.approx(expect / 3600)
+    one = prepare.dry_run(world, V, SMALL, workers=1, scenes=[src.scene_names()[0]], src=src)
+    assert one["parallel_scenes"] == 1 and one["keyframes"] == nkf[0]
+    assert sorted(p.name for p in world.iterdir()) == before
