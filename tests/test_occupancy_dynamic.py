@@ -54,3 +54,41 @@ def test_moving_car_lands_only_in_its_box(tmp_path):
             if j != k:
                 idx, ok = G.point_to_index(np.array([[xs[j], 8.0, 0.8]]))
                 assert f.semantics[tuple(idx[0])] == FREE_ID or abs(xs[j] - xs[k]) < 4.4
+
+
+def test_sweep_between_keyframes_does_not_see_through_moved_car(tmp_path):
+    """A sweep taken after the keyframe sees the car elsewhere; its rays cross the car's volume *at the
+    keyframe* — that volume must not become observed free space (the inside of a car is never seen)."""
+    rng = np.random.default_rng(1)
+    s2e = np.eye(4)
+    s2e[2, 3] = 1.8                                       # sensor 1.8 m above the ground, ego = global
+    wall = np.c_[rng.uniform(-3, 3, 4000), np.full(4000, 12.0), rng.uniform(0.05, 2.0, 4000)]
+    ground = np.c_[rng.uniform(-19, 19, (3000, 2)), np.zeros(3000)]
+
+    def sweep(tok, t, pts, key):
+        p = np.c_[pts - [0, 0, 1.8], np.zeros((len(pts), 2))].astype(np.float32)
+        p.tofile(tmp_path / f"{tok}.pcd.bin")
+        return SweepRecord(tok, t, tmp_path / f"{tok}.pcd.bin", s2e, np.eye(4), key)
+
+    car0 = _car_points(0.0, rng)
+    front = car0[car0[:, 1] <= 7.0 + 1e-6]                # the face the sensor sees at the keyframe
+    shadow = (ground[:, 1] > 7.0) & (np.abs(ground[:, 0] * 7.0 / ground[:, 1]) < 2.0)  # hidden by the car
+    key = sweep("k0", 0, np.r_[ground[~shadow], front, wall[np.abs(wall[:, 0]) > 2.5]], True)
+    after = sweep("s0", 250_000, np.r_[ground, wall, _car_points(6.0, rng)[:50] * [1, 0, 1] + [0, 7.0, 0]], False)
+    kf = KeyframeRecord("k0", 0, key, [after], [_box(0.0)])
+    scene = SceneRecord("scene-y", "t", "train", [kf])
+    cloud = accumulate_scene(scene, boxes_of=lambda sw, k: [_box(6.0)])
+    inner = np.array([[x, y, z] for x in (-1.0, 0.0, 1.0) for y in (7.8, 8.2) for z in (0.6, 1.0)])
+    idx, ok = G.point_to_index(inner)
+    assert ok.all()
+    old = keyframe_occupancy(cloud, kf, 0, FrameConfig(grid=G, fill_ground=0, box_rays_key_only=False))
+    assert old.mask_lidar[tuple(idx.T)].all()            # the later sweep's rays went through the car
+    f = keyframe_occupancy(cloud, kf, 0, FrameConfig(grid=G, fill_ground=0))
+    assert not f.mask_lidar[tuple(idx.T)].any()          # now: the car's inside is unobserved
+    # The car (its seen face) is still labelled, and the free space behind its keyframe box that the
+    # later sweep saw stays observed.
+    assert (f.semantics == CAR).sum() > 10
+    behind, _ = G.point_to_index(np.array([[x, y, z] for x in (-0.6, -0.2, 0.2, 0.6)
+                                           for y in (10.2, 10.6, 11.0, 11.4) for z in (0.4, 0.8, 1.2)]))
+    assert f.mask_lidar[tuple(behind.T)].mean() > 0.5
+    np.testing.assert_array_equal(f.mask_lidar[tuple(behind.T)], old.mask_lidar[tuple(behind.T)])

@@ -22,6 +22,8 @@ Pipeline (``vertical.py`` and ``accumulate.py`` once per scene, ``generate.py`` 
 5. Free space: rays from each sweep's sensor origin (the target keyframe's sweep and the sweeps up to
    the next keyframe, ``ray_window=0``) are traversed exactly (``raycast.py``); observed = traversed ∪
    hit = ``mask_lidar``; observed and unoccupied = free (17); unobserved voxels stay 17 with mask 0.
+   Inside the keyframe's boxes only its own sweep's rays count as traversals: a later sweep sees a
+   moving object elsewhere and would otherwise mark the object's unseen inside observed-free.
 6. ``mask_camera`` = ``mask_lidar`` ∩ inside some camera frustum (``camera.py``), or ``mask_lidar``
    when the dataroot has no camera calibrations.
 

@@ -49,11 +49,13 @@ class AccumulatorConfig:
 
 @dataclass
 class SweepPoints:
-    """One sweep after reading: keyframe index, sensor origin (3,) global, points (N, 3) global."""
+    """One sweep after reading: keyframe index, sensor origin (3,) global, points (N, 3) global; is_key:
+    the keyframe's own sweep (taken at the labels' time), False for the sweeps between keyframes."""
 
     key_index: int
     origin: np.ndarray
     points: np.ndarray
+    is_key: bool = True
 
 
 @dataclass
@@ -103,7 +105,7 @@ def accumulate_scene(scene: SceneRecord, boxes_of, cfg: AccumulatorConfig = Accu
             keep = ~ego_mask(raw, sw.sensor2ego, cfg.ego_box) & (lab != IGNORE)
             s2g = sw.ego2global @ sw.sensor2ego
             pts, lab = transform(raw[keep], s2g), lab[keep]
-            sweeps.append(SweepPoints(k, s2g[:3, 3].copy(), pts.astype(np.float32)))
+            sweeps.append(SweepPoints(k, s2g[:3, 3].copy(), pts.astype(np.float32), bool(sw.is_key)))
             in_any = np.zeros(len(pts), bool)
             boxes = kf.boxes if sw.is_key else boxes_of(sw, kf)
             if boxes and len(pts):

@@ -5,6 +5,11 @@ instance's box-frame points placed at that instance's box pose at the target key
 per voxel → occupied voxels. Rays from the sensor origin of each sweep within ``ray_window`` keyframes
 to its returns are traversed exactly (:mod:`.raycast`): observed = traversed ∪ hit; observed and not
 occupied = free (17). Unobserved voxels stay free in ``semantics`` (as in Occ3D) with ``mask_lidar`` 0.
+
+Inside the target keyframe's boxes (``box_voxels``) only the rays of that keyframe's own sweep count as
+traversals: a sweep taken at another time (the sweeps between keyframes, other keyframes) sees a moving
+object elsewhere, and its rays would cross the object's volume *at the target time* and mark the unseen
+inside of the object observed-free (hits still count everywhere).
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from occ_mfd.grid import FREE_ID, OCC3D_GRID, GridSpec
 class FrameConfig:
     """grid: output grid; window: static points from keyframes within ±window (None: whole scene);
     ray_window: rays from the sweeps of keyframes within ±ray_window (0: the target keyframe's own sweep
-    and the sweeps up to the next keyframe); dedup_rays: cast one ray per (sweep, end voxel) — the
+    and the sweeps up to the next keyframe); box_rays_key_only: inside the target keyframe's boxes only its
+    own sweep's rays mark voxels traversed (see the module doc); dedup_rays: cast one ray per (sweep, end voxel) — the
     traversed sets differ only in the last voxels before the end, and it is ~3× fewer rays."""
 
     grid: GridSpec = OCC3D_GRID
@@ -36,6 +42,7 @@ class FrameConfig:
     fill_ground: int = 4
     fill_min_neighbours: int = 3
     place_margin: float = 0.05
+    box_rays_key_only: bool = True
 
 
 #: Ground classes (driveable_surface, other_flat, sidewalk, terrain): a continuous surface.
@@ -111,10 +118,35 @@ def occupied_points(cloud: SceneCloud, kf: KeyframeRecord, k: int, cfg: FrameCon
     return np.concatenate(pts), np.concatenate(labs), np.concatenate(wts)
 
 
+def box_voxels(kf: KeyframeRecord, grid: GridSpec, pad: float | None = None) -> np.ndarray:
+    """(num_voxels,) bool: voxels whose centre lies in one of ``kf``'s boxes enlarged by ``pad`` (default:
+    half a voxel diagonal, so every voxel the object overlaps is in)."""
+    pad = grid.voxel_size * np.sqrt(3) / 2 if pad is None else pad
+    out = np.zeros(grid.shape, bool)
+    g2e = rigid_inverse(kf.ego2global)
+    lo, vs, shape = np.asarray(grid.lo), grid.voxel_size, np.asarray(grid.shape)
+    for b in kf.boxes:
+        box2ego = g2e @ b.box2global()
+        half = np.array([b.wlh[1], b.wlh[0], b.wlh[2]]) / 2 + pad
+        corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]) * half
+        c = transform(corners, box2ego)
+        i0 = np.maximum(np.floor((c.min(0) - lo) / vs).astype(int), 0)
+        i1 = np.minimum(np.floor((c.max(0) - lo) / vs).astype(int), shape - 1)
+        if np.any(i1 < i0):
+            continue
+        ijk = np.stack(np.meshgrid(*[np.arange(i0[a], i1[a] + 1) for a in range(3)], indexing="ij"), -1).reshape(-1, 3)
+        local = transform(grid.index_to_center(ijk), rigid_inverse(box2ego))
+        inside = np.all(np.abs(local) <= half, axis=1)
+        out[tuple(ijk[inside].T)] = True
+    return out.reshape(-1)
+
+
 def ray_voxels(cloud: SceneCloud, kf: KeyframeRecord, k: int, cfg: FrameConfig):
-    """Flat ids of voxels traversed and hit by the rays of the sweeps within ``ray_window``."""
+    """Flat ids of voxels traversed and hit by the rays of the sweeps within ``ray_window`` (inside the
+    keyframe's boxes, traversals only from its own sweep when ``cfg.box_rays_key_only``)."""
     g2e = rigid_inverse(kf.ego2global)
     trav, hit = [], []
+    in_box = box_voxels(kf, cfg.grid) if cfg.box_rays_key_only and kf.boxes else None
     for sw in cloud.sweeps:
         if abs(sw.key_index - k) > cfg.ray_window:
             continue
@@ -125,6 +157,8 @@ def ray_voxels(cloud: SceneCloud, kf: KeyframeRecord, k: int, cfg: FrameConfig):
             ends = ends[np.sort(first)]
         origin = transform(sw.origin[None], g2e)[0]
         t, h = traverse(origin, ends, cfg.grid)
+        if in_box is not None and not (sw.is_key and sw.key_index == k):
+            t = t[~in_box[t]]
         trav.append(t)
         hit.append(h)
     cat = lambda xs: np.unique(np.concatenate(xs)) if xs else np.zeros(0, np.int64)
