@@ -1,13 +1,17 @@
 """Ego-motion extrapolation (closed-form arcs and lines) and the cv-warp baseline built on it."""
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from occ_mfd.data.records import OccBatch
-from occ_mfd.ego_motion import extrapolate_poses, planar_motion, planar_pose
-from occ_mfd.eval.baselines import CVWarp, cv_warp, warp_last
-from occ_mfd.grid import FREE_ID, GridSpec
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.warp_speed import warp_frame_loop  # noqa: E402
+from occ_mfd.data.records import OccBatch  # noqa: E402
+from occ_mfd.ego_motion import extrapolate_poses, planar_motion, planar_pose  # noqa: E402
+from occ_mfd.eval.baselines import CVWarp, cv_warp, warp_last  # noqa: E402
+from occ_mfd.grid import FREE_ID, GridSpec  # noqa: E402
 
 
 def arc_poses(R: float, omega: float, ks) -> torch.Tensor:
@@ -74,26 +78,8 @@ def test_cv_warp_equals_warp_last_when_the_future_is_the_extrapolation_and_ignor
 # --------------------------------------------------------------------------- warp_frame against the loop version
 
 
-def reference_warp_frame(frame, poses, grid, free_id=FREE_ID):
-    """The earlier ``warp_frame``, copied verbatim: one ``centers @ R.T + t`` per (b, f) on numpy centres."""
-    B = frame.shape[0]
-    X, Y, Z = grid.shape
-    n_future = poses.shape[1]
-    dev = frame.device
-    centers = torch.from_numpy(grid.centers()).to(dev, torch.float64).reshape(-1, 3)       # (N, 3)
-    lo = torch.tensor(grid.lo, dtype=torch.float64, device=dev)
-    dims = torch.tensor([X, Y, Z], device=dev)
-    src = frame.reshape(B, -1)                                                             # (B, N)
-    out = torch.full((B, n_future, X * Y * Z), free_id, dtype=frame.dtype, device=dev)
-    T = poses.to(device=dev, dtype=torch.float64)                                          # (B, F, 4, 4)
-    for b in range(B):
-        for k in range(n_future):
-            q = centers @ T[b, k, :3, :3].T + T[b, k, :3, 3]                               # (N, 3)
-            idx = torch.floor((q - lo) / grid.voxel_size).long()
-            inside = ((idx >= 0) & (idx < dims)).all(dim=1)
-            flat = (idx[:, 0] * Y + idx[:, 1]) * Z + idx[:, 2]
-            out[b, k, inside] = src[b, flat[inside]]
-    return out.view(B, n_future, X, Y, Z)
+# The earlier loop version, kept once in the benchmark that times it against the new one.
+reference_warp_frame = warp_frame_loop
 
 
 #: Non-cubic grids: 0.5 m voxels (dyadic, so the float32 centres are exact and half-voxel shifts land *exactly*
