@@ -173,3 +173,37 @@ def test_cli_vae_snapshot_row_equals_the_models_own_vae_recon(setup, tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_cli("--data", data, "--vae", ckpt)
     assert r.returncode == 2 and "not a VAE stage's" in r.stderr and str(ckpt) in r.stderr
+
+
+def test_cli_refiner_is_attached_only_to_models_on_its_vae(setup, tmp_path):
+    """--refiner: a refiner trained on the teacher's VAE changes the teacher's forecast and is named in the header;
+    one trained on another VAE is refused with both files named."""
+    from occ_mfd.objectives.prior_refiner import PriorRefinerObjective
+
+    tmp, data, ckpt = setup
+
+    def refiner_snapshot(vae, name):
+        vae_path = save_snapshot(snapshot_from_parts(InferenceParts("vae", {"vae": vae}), grid=G.to_dict(), **META),
+                                 tmp_path / name / "vae.pt")
+        obj = PriorRefinerObjective(refiner=dict(hidden=4, class_dim=2), vae_snapshot=str(vae_path))
+        with torch.no_grad():
+            for p in obj.refiner.net[-1].parameters():
+                p.normal_(0, 2.0)                  # a refiner that changes the decoding
+        return save_snapshot(snapshot_from_parts(obj.inference_parts(), grid=G.to_dict(), **META),
+                             tmp_path / name / "snapshot.pt")
+
+    mine = refiner_snapshot(tiny_teacher().codec.vae, "mine")
+    plain, refined = tmp_path / "plain.json", tmp_path / "refined.json"
+    assert run_cli("--data", data, "--model", f"{ckpt}:steps=1", "--out", plain).returncode == 0
+    r = run_cli("--data", data, "--model", f"{ckpt}:steps=1", "--refiner", mine, "--out", refined)
+    assert r.returncode == 0, r.stderr
+    assert f"decoder refiner={mine}" in r.stdout
+    scores = lambda f: {k: json.loads(f.read_text())["rows"][0][k] for k in ("iou", "miou")}   # noqa: E731
+    assert scores(plain) != scores(refined)
+    other_vae = build(VAE)
+    with torch.no_grad():
+        for p in other_vae.parameters():
+            p.add_(0.1)
+    other = refiner_snapshot(other_vae, "other")
+    r = run_cli("--data", data, "--model", f"{ckpt}:steps=1", "--refiner", other)
+    assert r.returncode == 2 and "another VAE" in r.stderr and str(other) in r.stderr and str(ckpt) in r.stderr

@@ -128,3 +128,5 @@ def test_teacher_on_a_refiner_snapshot_decodes_with_the_prior(tmp_path):
     pipe.codec.refiner.prior = "warp"
     with pytest.raises(ValueError, match="past trajectory"):
         OccForecastPipeline(pipe.codec, pipe.net)
+    with pytest.raises(ValueError, match="past trajectory"):
+        pipe.attach_refiner(pipe.codec.refiner)          # attaching one later (tools/eval.py --refiner): same check

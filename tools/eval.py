@@ -126,11 +126,10 @@ def attach_refiner(path: str, loaded: dict) -> None:
         if mine.keys() != theirs.keys() or any(not torch.equal(mine[k].cpu(), theirs[k]) for k in mine):
             raise ValueError(f"--refiner {path} was trained on another VAE than {model_path}'s; train the refiner "
                              f"on the VAE stage that model was trained on")
-        refiner = snap.build("refiner").to(next(pipeline.codec.vae.parameters()).device)
-        if refiner.prior == "warp" and getattr(pipeline.net, "traj_mode", None) == "past":
-            raise ValueError(f"--refiner {path} reads the 'warp' prior (future ego poses); {model_path} is "
-                             f"conditioned on the past trajectory")
-        pipeline.codec.refiner = refiner
+        try:
+            pipeline.attach_refiner(snap.build("refiner").to(next(pipeline.codec.vae.parameters()).device))
+        except ValueError as e:
+            raise ValueError(f"--refiner {path} with {model_path}: {e}") from e
 
 
 def vae_row(spec: str):

@@ -63,12 +63,14 @@ class OccForecastPipeline(nn.Module):
     def __init__(self, codec: LatentCodec, net: nn.Module, sampler: SamplerSettings = OCCFM_SAMPLER,
                  fused_cfg: bool = True):
         super().__init__()
-        refiner = getattr(codec, "refiner", None)
-        if refiner is not None and refiner.prior == "warp" and getattr(net, "traj_mode", None) == "past":
-            # "warp" reads the true future poses: a past-conditioned forecaster's decoder must not see them.
-            raise ValueError("the codec's refiner reads the 'warp' prior (the future ego poses): a forecaster "
-                             "conditioned on the past trajectory needs a 'cv-warp' refiner")
+        _check_refiner(getattr(codec, "refiner", None), net)
         self.codec, self.net, self.sampler, self.fused_cfg = codec, net, sampler, fused_cfg
+
+    def attach_refiner(self, refiner: nn.Module) -> None:
+        """Decode with ``refiner`` (:class:`~occ_mfd.models.prior_refiner.PriorRefiner`) from now on; it must have
+        been trained on this pipeline's VAE (the caller checks: ``tools/eval.py --refiner``)."""
+        _check_refiner(refiner, self.net)
+        self.codec.refiner = refiner.eval().requires_grad_(False)
 
     @property
     def steps(self) -> int:
@@ -134,7 +136,19 @@ class OccForecastPipeline(nn.Module):
     def forecast(self, batch, steps: int | None = None, generator: torch.Generator | None = None,
                  cfg_scale: float | None = None) -> Forecast:
         """encode → noise → sample → decode → argmax; ``steps`` / ``cfg_scale`` None: the sampler's."""
-        cond = self.encode(batch)
+        return self.forecast_from(self.encode(batch), steps, generator, cfg_scale)
+
+    @torch.no_grad()
+    def forecast_from(self, cond: ForecastCond, steps: int | None = None, generator: torch.Generator | None = None,
+                      cfg_scale: float | None = None) -> Forecast:
+        """noise → sample → decode → argmax from a condition already encoded (:meth:`encode`, or streaming's)."""
         x1 = self.sample(cond, self.noise(cond, generator), steps, cfg_scale)
         classes = self.to_classes(self.decode_logits(x1, cond))
         return Forecast(classes=classes, nfe=self.steps if steps is None else int(steps), latents=x1)
+
+
+def _check_refiner(refiner, net) -> None:
+    """A "warp" refiner reads the true future poses: a past-conditioned forecaster's decoder must not see them."""
+    if refiner is not None and refiner.prior == "warp" and getattr(net, "traj_mode", None) == "past":
+        raise ValueError("the codec's refiner reads the 'warp' prior (the future ego poses): a forecaster "
+                         "conditioned on the past trajectory needs a 'cv-warp' refiner")

@@ -52,10 +52,6 @@ class StreamingForecaster:
         self._key: tuple[str, tuple[str, ...]] | None = None   # (scene, P history tokens) of the cached latents
         self._latents: torch.Tensor | None = None              # (1, P, C, H, W) scaled history latents
 
-    @property
-    def cached(self) -> bool:
-        return self._latents is not None
-
     @staticmethod
     def _history_key(batch) -> tuple[str, tuple[str, ...]] | None:
         """(scene, P history tokens) of a batch of 1, or None when the batch does not name its frames."""
@@ -106,13 +102,9 @@ class StreamingForecaster:
         """The streaming twin of :meth:`OccForecastPipeline.encode`."""
         return self.condition(batch, self.past_latents(batch))
 
-    @torch.no_grad()
     def forecast(self, batch, steps: int | None = None, generator: torch.Generator | None = None,
                  cfg_scale: float | None = None) -> Forecast:
-        """encode (cached history + 1 new frame) → noise → sample → decode → argmax, as
-        :meth:`OccForecastPipeline.forecast`: classes (1, F, X, Y, Z), latents (1, F, C, H, W)."""
-        pipe = self.pipeline
-        cond = self.encode(batch)
-        x1 = pipe.sample(cond, pipe.noise(cond, generator), steps, cfg_scale)
-        classes = pipe.to_classes(pipe.decode_logits(x1, cond))
-        return Forecast(classes=classes, nfe=pipe.steps if steps is None else int(steps), latents=x1)
+        """encode (cached history + 1 new frame) → the pipeline's noise → sample → decode → argmax:
+        classes (1, F, X, Y, Z), latents (1, F, C, H, W)."""
+        with torch.no_grad():
+            return self.pipeline.forecast_from(self.encode(batch), steps, generator, cfg_scale)
