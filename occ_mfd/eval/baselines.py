@@ -85,13 +85,17 @@ class VAEReconstruction:
     def __init__(self, codec):
         self.codec = codec
 
+    def frames(self, batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, F, X, Y, Z): what is encoded and decoded — the ground-truth future."""
+        return batch.future
+
     @torch.no_grad()
     def __call__(self, batch, generator: torch.Generator | None = None) -> Forecast:
-        return Forecast(classes=self.codec.decode(self.codec.encode(batch.future), self.codec.decode_prior(batch)),
-                        nfe=0)
+        coded = self.codec.decode(self.codec.encode(self.frames(batch, generator)), self.codec.decode_prior(batch))
+        return Forecast(classes=coded, nfe=0)
 
 
-class ThroughVAE:
+class ThroughVAE(VAEReconstruction):
     """Row "<baseline>+vae": a baseline's forecast encoded and decoded by a model's VAE (``decode(encode(·))``).
 
     A diagnostic, not a new forecaster: it shows how much of a voxel-space baseline survives the tokenizer. A
@@ -100,16 +104,12 @@ class ThroughVAE:
     tokenizer's share of what a learned forecaster loses against the warp.
     """
 
-    steps = 0
-
     def __init__(self, codec, baseline):
-        self.codec, self.baseline = codec, baseline
-        self.name = f"{baseline.name}+vae"
+        super().__init__(codec)
+        self.baseline, self.name = baseline, f"{baseline.name}+vae"
 
-    @torch.no_grad()
-    def __call__(self, batch, generator: torch.Generator | None = None) -> Forecast:
-        warped = self.baseline(batch, generator).classes
-        return Forecast(classes=self.codec.decode(self.codec.encode(warped), self.codec.decode_prior(batch)), nfe=0)
+    def frames(self, batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.baseline(batch, generator).classes
 
 
 BASELINES = {"copy-last": lambda grid: CopyLast(), "cv-warp": lambda grid: CVWarp(grid),
