@@ -130,3 +130,79 @@ def test_teacher_on_a_refiner_snapshot_decodes_with_the_prior(tmp_path):
         OccForecastPipeline(pipe.codec, pipe.net)
     with pytest.raises(ValueError, match="past trajectory"):
         pipe.attach_refiner(pipe.codec.refiner)          # attaching one later (tools/eval.py --refiner): same check
+
+
+def _teacher_snapshot(tmp_path, vae_path, meta):
+    from occ_mfd.models.snapshot import save_snapshot, snapshot_from_parts
+    from occ_mfd.objectives.flow_matching import OccFlowTeacher
+
+    torch.manual_seed(1)
+    net = dict(past=4, future=6, base_channels=8, channel_mult=(1,), num_res_blocks=1, attn_levels=(), heads=1,
+               mid_attn=False, prior="cv-warp")
+    teacher = OccFlowTeacher(net=net, vae_snapshot=str(vae_path), latent_scale=1.0, steps=2, cfg_scale=1.5)
+    with torch.no_grad():             # a net that moves the latents (a zero-initialised output layer would not)
+        for p in teacher.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return save_snapshot(snapshot_from_parts(teacher.inference_parts(), **meta), tmp_path / "teacher.pt")
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_refiner_on_forecasts_decodes_the_forecasters_own_forecast(tmp_path, steps):
+    """forecaster_snapshot: the logits the refiner corrects are the VAE decoding of the forecaster's sampled
+    forecast of the window (same noise, same step count) — scored on the batch, they equal the pipeline's own
+    forecast's score for the picked frames — and the refiner it writes attaches to that forecaster."""
+    import sys
+    from pathlib import Path
+
+    from occ_mfd.models.snapshot import load_snapshot, save_snapshot, snapshot_from_parts
+    from occ_mfd.objectives.prior_refiner import PriorRefinerObjective
+    from occ_mfd.scores import confusion_matrix, iou_from_confusion
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    from eval import attach_refiner
+
+    _, batch, meta, vae_path = _refiner_stage(tmp_path)
+    t_path = _teacher_snapshot(tmp_path, vae_path, meta)
+    obj = PriorRefinerObjective(refiner=dict(hidden=8, class_dim=4), forecaster_snapshot=str(t_path), frames=3,
+                                forecast_steps=(steps,))
+    assert obj.param_groups()["main"] == list(obj.refiner.parameters())
+    torch.manual_seed(5)
+    out = obj(batch)
+    out.loss.backward()
+    assert all(p.grad is not None for p in obj.refiner.parameters())
+    assert not any(p.grad is not None for p in obj.forecaster.parameters())
+
+    pipe = load_snapshot(t_path).pipeline()
+    B, F = batch.future.shape[:2]
+    torch.manual_seed(5)                                   # the objective's draws, in its order
+    pick = torch.stack([torch.randperm(F)[:3] for _ in range(B)])
+    torch.randint(1, ())                                   # the step count's draw (one choice here)
+    fc = pipe.forecast(batch, steps=steps)
+    rows = torch.arange(B)[:, None]
+    conf = confusion_matrix(fc.classes[rows, pick].flatten(0, 1), batch.future[rows, pick].flatten(0, 1).long(),
+                            pipe.codec.vae.num_classes)
+    iou, _, miou = iou_from_confusion(conf, pipe.codec.vae.free_id)
+    assert out.logs["vae_recon_iou"] == pytest.approx(iou / 100) and out.logs["vae_recon_miou"] == pytest.approx(miou / 100)
+    # the true future's own decoding scores differently: the logits really are the forecast's
+    z = pipe.codec.vae.encode(batch.future[rows, pick].flatten(0, 1).long()).mean
+    conf_true = confusion_matrix(pipe.codec.vae.decode(z).argmax(1), batch.future[rows, pick].flatten(0, 1).long(),
+                                 pipe.codec.vae.num_classes)
+    assert iou_from_confusion(conf_true, pipe.codec.vae.free_id)[0] != pytest.approx(iou)
+
+    ref_path = save_snapshot(snapshot_from_parts(obj.inference_parts(), **meta), tmp_path / "ref.pt")
+    loaded = {str(t_path): (pipe, None)}
+    attach_refiner(str(ref_path), loaded)                  # same VAE weights: accepted
+    assert pipe.codec.refiner is not None
+
+
+def test_refiner_on_forecasts_bad_inputs(tmp_path):
+    from occ_mfd.objectives.prior_refiner import PriorRefinerObjective
+
+    _, _, meta, vae_path = _refiner_stage(tmp_path)
+    t_path = _teacher_snapshot(tmp_path, vae_path, meta)
+    with pytest.raises(ValueError, match="not both"):
+        PriorRefinerObjective(vae_snapshot=str(vae_path), forecaster_snapshot=str(t_path))
+    with pytest.raises(ValueError, match="forecast_steps"):
+        PriorRefinerObjective(forecaster_snapshot=str(t_path), forecast_steps=(0,))
+    with pytest.raises(ValueError, match="kind"):
+        PriorRefinerObjective(forecaster_snapshot=str(vae_path))
