@@ -2,7 +2,7 @@
 
 On voxels our LiDAR observed (``mask_lidar`` = 1 in *our* labels): IoU of occupied-vs-free, per-class
 IoU over the 17 semantic classes and their mean (classes absent from both sides are left out of the
-mean), and **trail voxels**: our dynamic-class voxels (``DYNAMIC_CLASSES``) whose centre lies outside
+mean), each class's scored truth voxels (a class with a handful of them swings the mean), and **trail voxels**: our dynamic-class voxels (``DYNAMIC_CLASSES``) whose centre lies outside
 every annotated box at that keyframe (boxes enlarged by half a voxel diagonal), as % of our dynamic voxels.
 
 **Ground thickness** (``ground_thickness``): of the columns holding a ground-class voxel (driveable surface,
@@ -42,6 +42,7 @@ class QualityReport:
     ground_layers: np.ndarray | None = None
     truth_ground_columns: int = 0
     truth_ground_thin: int = 0
+    truth_voxels: np.ndarray | None = None  # (17,) scored voxels of each class in the truth
 
     @property
     def thin_pct(self) -> float:
@@ -57,13 +58,15 @@ class QualityReport:
         return 100.0 * self.trail_voxels / max(1, self.dynamic_voxels)
 
     def summary(self) -> str:
-        pc = ", ".join(f"{OCC3D_CLASSES[c]} {100 * v:.1f}" for c, v in enumerate(self.per_class) if np.isfinite(v))
+        n = self.truth_voxels
+        pc = ", ".join(f"{OCC3D_CLASSES[c]} {100 * v:.1f}" + ("" if n is None else f" ({n[c]:,})")
+                       for c, v in enumerate(self.per_class) if np.isfinite(v))
         return (f"{self.frames} frames: IoU {100 * self.iou:.1f}, mIoU {100 * self.miou:.1f} "
                 f"| trails {self.trail_voxels}/{self.dynamic_voxels} dynamic voxels ({self.trail_pct:.2f} %)\n"
                 f"  ground: {self.thin_pct:.1f} % of {self.ground_columns} ground columns span ≤ 2 layers "
                 f"(truth {self.truth_thin_pct:.1f} %); ground voxels per z layer: "
                 f"{[] if self.ground_layers is None else self.ground_layers.tolist()}\n"
-                f"  per class: {pc}")
+                f"  per class (scored truth voxels): {pc}")
 
 
 def trail_count(sem: np.ndarray, grid, boxes, ego2global: np.ndarray) -> tuple[int, int]:
@@ -121,4 +124,4 @@ def compare_to_truth(pred_root, truth_root, boxes_by_token=None, progress: bool 
                 dyn, trail = dyn + d, trail + tr
             n += 1
     iou, per, miou = iou_from_confusion(cm, FREE_ID)  # in %
-    return QualityReport(n, iou / 100, per / 100, miou / 100, dyn, trail, gc, gt, layers, tgc, tgt)
+    return QualityReport(n, iou / 100, per / 100, miou / 100, dyn, trail, gc, gt, layers, tgc, tgt, cm.sum(1))

@@ -3,7 +3,8 @@
     <truth_root>/gts/<scene_name>/<sample_token>/labels.npz   semantics, mask_lidar, mask_camera (X, Y, Z) uint8
     <truth_root>/index.json                                    grid, classes, free id, source, scenes → frames
 
-Masks are all ones: the truth is known everywhere. The labels are in each keyframe's *true* ego frame
+Semantics follow :mod:`.truth`: a solid claims every voxel it shares volume with (touching does not count),
+ground only in its surface layer. Masks are all ones: the truth is known everywhere. The labels are in each keyframe's *true* ego frame
 (ground at z = 0 under the car, tilted with it on hills); ``ego2global`` in the index is the written 2-D
 pose (as in the dataroot's ``ego_pose``), and on hills ``ego2global_true`` holds the true 3-D one. ``labels.npz`` is written with fixed zip timestamps
 (``np.savez`` stamps the current time), so the same truth gives byte-identical files.
