@@ -198,16 +198,74 @@ def test_parallel_calls_use_their_own_source_and_thread_limits(world, tmp_path, 
     assert res["bad_messages"] == [f"{other}|2|2"] * 2 and os.environ["OMP_NUM_THREADS"] == "2"
 
 
-def test_dry_run_estimate_is_setup_plus_the_busiest_worker(world, src):
-    """The estimate's arithmetic: scenes are the unit of parallel work, so 4 workers on 2 scenes run 2 at a time;
-    three keyframes (first, middle, last) of the first scene are timed; nothing is written."""
+def test_dry_run_estimate_is_setup_plus_the_schedule(world, src):
+    """The estimate's arithmetic: with as many scenes as workers a scene is the unit of parallel work (2 workers
+    run the 2 scenes at a time); with more workers than scenes the scenes go one after another, each accumulated
+    once and its keyframes shared out (within_scene). Three keyframes (first, middle, last) of the first scene
+    are timed; nothing is written."""
     before = sorted(p.name for p in world.iterdir())
-    est = prepare.dry_run(world, V, SMALL, workers=4, src=src)
     nkf = [s["nbr_samples"] for s in src.nusc.scene]
+    est = prepare.dry_run(world, V, SMALL, workers=2, src=src)
     assert est["keyframes"] == sum(nkf) and est["scenes"] == 2 and est["parallel_scenes"] == 2
+    assert not est["within_scene"]
     assert est["keyframes_timed"] == 3 and est["setup_seconds"] < 0.5       # the source was handed in: no load
+    assert est["seconds_per_keyframe"] == pytest.approx(est["accumulate_seconds_per_keyframe"]
+                                                        + est["label_seconds_per_keyframe"])
     expect = est["setup_seconds"] + est["seconds_per_keyframe"] * max(sum(nkf) / 2, max(nkf))
     assert est["estimated_seconds"] == pytest.approx(expect) and est["estimated_hours"] == pytest.approx(expect / 3600)
+    four = prepare.dry_run(world, V, SMALL, workers=4, src=src)
+    assert four["within_scene"] and four["parallel_scenes"] == 1
+    acc, lab = four["accumulate_seconds_per_keyframe"], four["label_seconds_per_keyframe"]
+    expect = four["setup_seconds"] + sum(acc * n + -(-n // 4) * lab for n in nkf)      # ⌈n / 4⌉ keyframes each
+    assert four["estimated_seconds"] == pytest.approx(expect)
     one = prepare.dry_run(world, V, SMALL, workers=1, scenes=[src.scene_names()[0]], src=src)
-    assert one["parallel_scenes"] == 1 and one["keyframes"] == nkf[0]
+    assert one["parallel_scenes"] == 1 and one["keyframes"] == nkf[0] and not one["within_scene"]
     assert sorted(p.name for p in world.iterdir()) == before
+
+
+def test_within_scene_parallel_matches_serial(world, src, tmp_path):
+    """More workers than scenes: one scene's keyframes shared out to 2 forked workers write byte-identical files
+    (and the same index) as one process; a second run finds everything done."""
+    serial, par = tmp_path / "serial", tmp_path / "par"
+    run_prepare(world, V, serial, SMALL, scenes=["scene-0001"], workers=1, progress=False, src=src)
+    r = run_prepare(world, V, par, SMALL, scenes=["scene-0001"], workers=2, progress=False, src=src)
+    assert r["written"] == 10 and r["skipped"] == 0 and r["bad"] == 0
+    assert load_index(par).to_dict() == load_index(serial).to_dict()
+    files = lambda root: sorted(p.relative_to(root) for p in root.rglob("labels.npz"))
+    assert files(par) == files(serial) and len(files(par)) == 10
+    assert all((par / f).read_bytes() == (serial / f).read_bytes() for f in files(par))
+    again = run_prepare(world, V, par, SMALL, scenes=["scene-0001"], workers=2, progress=False, src=src)
+    assert again["written"] == 0 and again["skipped"] == 10
+
+
+def test_kill9_during_within_scene_parallel_run_then_rerun_is_identical(world, src, tmp_path):
+    """kill -9 of the whole process group (the parent and its keyframe workers) while a scene's keyframes are
+    being written by 2 workers, then the same command again: voxel-identical to an uninterrupted serial run,
+    no temp file left, and the folder verifies."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    ref, out = tmp_path / "ref", tmp_path / "o"
+    run_prepare(world, V, ref, PrepareConfig(), scenes=["scene-0002"], workers=1, progress=False, src=src)
+    cmd = [sys.executable, str(repo / "tools/prepare_data.py"), "--dataroot", str(world), "--version", V,
+           "--out", str(out), "--scenes", "scene-0002", "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(out.rglob("labels.npz")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGKILL)            # the group: the parent and the forked keyframe workers
+    p.wait()
+    done = len(list(out.rglob("labels.npz")))
+    assert 1 <= done < 10, f"the kill should land mid-scene ({done} of 10 frames were written)"
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    a, b = _frames(ref), _frames(out)
+    assert a.keys() == b.keys() and len(a) == 10
+    for k in a:
+        for name in ("semantics", "mask_lidar", "mask_camera"):
+            assert np.array_equal(getattr(a[k], name), getattr(b[k], name)), (k, name)
+    assert not list(out.rglob("*.tmp*"))
+    assert verify_dataset(out, progress=False).ok

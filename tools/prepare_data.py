@@ -21,10 +21,14 @@ index.shard-K-of-N.json and the last one to finish merges them into index.json.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
+import time
+
+_STARTED = time.perf_counter()      # before the heavy imports: --dry-run counts them (a real run pays them too)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from occ_mfd.data.prepare import GRID_PRESETS, PrepareConfig, dry_run, run_prepare
 
@@ -144,7 +148,9 @@ def main(argv=None) -> int:
     shard = tuple(int(v) for v in a.shard.split("/")) if a.shard else None
     try:
         if a.dry_run:
-            print(json.dumps(dry_run(a.dataroot, a.version, cfg, a.scenes, a.workers, shard), indent=1))
+            est = dry_run(a.dataroot, a.version, cfg, a.scenes, a.workers, shard,
+                          startup_seconds=time.perf_counter() - _STARTED)
+            print(json.dumps(est, indent=1))
             return 0
         if not a.out:
             p.error("--out is required")

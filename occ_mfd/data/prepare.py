@@ -1,7 +1,8 @@
 """The ``prepare`` job: nuScenes dataroot → ``<out>/gts/<scene>/<token>/labels.npz`` + ``index.json``.
 
 Parallel over scenes (one worker process accumulates a scene once and writes all its keyframes; see
-:mod:`occ_mfd.data.worker_pool` for the workers and their threads), resumable
+:mod:`occ_mfd.data.worker_pool` for the workers and their threads) and, with fewer scenes than workers, within a
+scene (the scene is accumulated once, then its keyframes are shared out to the workers), resumable
 (a frame whose file exists and validates is skipped; writes are atomic, stale temp files are removed),
 shardable (``shard=(k, n)``: scenes ``i`` with ``i % n == k`` of the sorted scene list; each shard writes
 ``index.shard-k-of-n.json``; when all ``n`` exist they are merged into ``index.json``).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from occ_mfd.data.convention import LIDAR, OCC3D, check_name, index_convention, 
 from occ_mfd.data.index import DatasetIndex, FrameEntry, SceneEntry, load_index, merge_indexes, save_index
 from occ_mfd.data.nuscenes import NuScenesSource, SceneRecord
 from occ_mfd.data.occ3d import labels_path, read_labels, write_labels
-from occ_mfd.data.occupancy.accumulate import AccumulatorConfig, accumulate_scene
+from occ_mfd.data.occupancy.accumulate import AccumulatorConfig, SceneCloud, accumulate_scene
 from occ_mfd.data.occupancy.generate import FrameConfig, keyframe_occupancy
 from occ_mfd.data.occupancy.vertical import VerticalConfig, level_scene
 from occ_mfd.data.worker_pool import imap_unordered
@@ -112,35 +114,77 @@ def scene_entry(scene: SceneRecord) -> SceneEntry:
                        for kf in scene.keyframes])
 
 
+def _scene_todo(out: Path, name: str, scene, cfg: PrepareConfig) -> list[int]:
+    """Keyframe indices of ``scene`` still to write (a file that exists and validates is done); stale temp
+    files of a killed run are removed first."""
+    _clean_tmp(out / "gts" / name)
+    return [k for k, kf in enumerate(scene.keyframes) if not _frame_done(labels_path(out, name, kf.token), cfg.grid)]
+
+
+def _scene_cloud(src: NuScenesSource, scene, cfg: PrepareConfig, res: SceneResult, skip_bad: bool):
+    """The per-scene work shared by all its keyframes: vertical poses, then the accumulated points."""
+    on_bad = (lambda e: res.bad.append(str(e))) if skip_bad else None
+    boxes_of = lambda sw, kf: src.boxes(sw.token)
+    # bad sweeps are reported once, by the accumulation below
+    leveled, boxes_of, fit = level_scene(scene, boxes_of, cfg.vertical_cfg(),
+                                         on_bad=(lambda e: None) if skip_bad else None)
+    if cfg.vertical != "off":
+        res.vertical = fit.summary()
+    return leveled, accumulate_scene(leveled, boxes_of, cfg.acc_cfg(), on_bad=on_bad)
+
+
+@dataclass
+class _SceneState:
+    """What a keyframe needs from its scene: the leveled keyframes, the accumulated cloud, where to write."""
+
+    name: str
+    out: Path
+    cfg: PrepareConfig
+    leveled: SceneRecord
+    cloud: SceneCloud
+    tokens: list[str]
+
+
+def _write_keyframe(st: _SceneState, k: int) -> int:
+    """Label keyframe ``k`` and write it atomically (temp file + rename); returns ``k``."""
+    frame = keyframe_occupancy(st.cloud, st.leveled.keyframes[k], k, st.cfg.frame_cfg())
+    if st.cfg.z_convention == OCC3D:
+        frame = to_occ3d(frame, st.cfg.grid)
+    write_labels(labels_path(st.out, st.name, st.tokens[k]), frame, st.cfg.grid)
+    return k
+
+
+def _same_state(st: _SceneState) -> _SceneState:
+    return st
+
+
 def prepare_scene(src: NuScenesSource, name: str, out: Path, cfg: PrepareConfig, skip_bad: bool = False,
-                  max_frames: int | None = None) -> SceneResult:
-    """Generate every missing keyframe of one scene; returns its index entry (None when it failed)."""
+                  max_frames: int | None = None, workers: int = 1) -> SceneResult:
+    """Generate every missing keyframe of one scene; returns its index entry (None when it failed).
+
+    ``workers`` > 1: the scene's points are accumulated here once, then its keyframes are labelled by that
+    many worker processes (forked: they share the accumulated points copy-on-write), one keyframe per item.
+    Every keyframe is written atomically by whoever labels it, so a killed run resumes like a serial one.
+    """
     t0 = time.perf_counter()
     res = SceneResult(name, None)
     try:
         scene = src.scene(name)
-        _clean_tmp(out / "gts" / name)
-        todo = [k for k, kf in enumerate(scene.keyframes)
-                if not _frame_done(labels_path(out, name, kf.token), cfg.grid)]
+        todo = _scene_todo(out, name, scene, cfg)
         res.skipped = len(scene.keyframes) - len(todo)
         if max_frames is not None:
             todo = todo[:max_frames]
         if todo:
-            on_bad = (lambda e: res.bad.append(str(e))) if skip_bad else None
-            boxes_of = lambda sw, kf: src.boxes(sw.token)
-            # bad sweeps are reported once, by the accumulation below
-            leveled, boxes_of, fit = level_scene(scene, boxes_of, cfg.vertical_cfg(),
-                                                 on_bad=(lambda e: None) if skip_bad else None)
-            if cfg.vertical != "off":
-                res.vertical = fit.summary()
-            cloud = accumulate_scene(leveled, boxes_of, cfg.acc_cfg(), on_bad=on_bad)
-            fcfg = cfg.frame_cfg()
-            for k in todo:
-                frame = keyframe_occupancy(cloud, leveled.keyframes[k], k, fcfg)
-                if cfg.z_convention == OCC3D:
-                    frame = to_occ3d(frame, cfg.grid)
-                write_labels(labels_path(out, name, scene.keyframes[k].token), frame, cfg.grid)
-                res.written += 1
+            leveled, cloud = _scene_cloud(src, scene, cfg, res, skip_bad)
+            st = _SceneState(name, out, cfg, leveled, cloud, [kf.token for kf in scene.keyframes])
+            if workers <= 1 or len(todo) <= 1:
+                for k in todo:
+                    _write_keyframe(st, k)
+                    res.written += 1
+            else:
+                for _ in imap_unordered(_write_keyframe, todo, functools.partial(_same_state, st), workers, inherit=st,
+                                        describe=lambda k: f"scene {name} keyframe {k} ({st.tokens[k]})"):
+                    res.written += 1
         res.entry = scene_entry(scene)
     except (OSError, ValueError, KeyError) as e:
         if not skip_bad:
@@ -198,9 +242,15 @@ def run_prepare(dataroot, version, out, cfg: PrepareConfig = PrepareConfig(), sc
     workers = workers or min(4, os.cpu_count() or 1)
     results: list[SceneResult] = []
     bar = tqdm(total=sum(nkf[n] for n in names), unit="kf", disable=not progress, desc="prepare")
-    if workers <= 1 or len(names) <= 1:
+    if workers <= 1:
         for n in names:
             results.append(prepare_scene(src, n, out, cfg, skip_bad))
+            bar.update(nkf[n])
+    elif len(names) < workers:
+        # Fewer scenes than workers: scene-level parallelism would leave workers idle, so go scene by scene
+        # and split each scene's keyframes among all the workers (its accumulation runs here, once).
+        for n in names:
+            results.append(prepare_scene(src, n, out, cfg, skip_bad, workers=workers))
             bar.update(nkf[n])
     else:
         # The devkit index is built once per worker process (or shared from ours under fork), never per scene.
@@ -241,24 +291,48 @@ def merge_shards(out, n: int) -> bool:
 
 
 def dry_run(dataroot, version, cfg: PrepareConfig = PrepareConfig(), scenes=None, workers=None, shard=None,
-            src: NuScenesSource | None = None) -> dict:
+            src: NuScenesSource | None = None, startup_seconds: float = 0.0) -> dict:
     """Estimate time and disk by preparing the first scene's first, middle and last keyframes in memory (nothing
     written).
 
-    Per keyframe: the scene's accumulation amortised over its keyframes + the mean of the sampled keyframes (one
-    keyframe alone underestimates: the first sees only the sweeps after it, a middle one sweeps on both sides) +
-    compressing its labels.
-    Wall time: loading the devkit tables (measured here, when this call loads them) + per keyframe × the keyframes
-    each worker gets; a scene is the unit of parallel work, so W workers on S < W scenes run S at a time, and no
-    schedule finishes before its longest scene.
+    Per scene: its accumulation (vertical poses + points; the first scene's, per keyframe, × its keyframes).
+    Per keyframe: the mean of the sampled keyframes (one keyframe alone underestimates: the first sees only the
+    sweeps after it, a middle one sweeps on both sides) + compressing its labels.
+    Wall time: ``startup_seconds`` (the caller's imports before this call: the CLI measures its own) + loading the
+    devkit tables (measured here, when this call loads them) + the schedule of
+    :func:`run_prepare`: with at least as many scenes as workers a scene is the unit of parallel work (per
+    keyframe = accumulation amortised + labelling, × the busiest worker's keyframes, and no schedule finishes
+    before its longest scene); with fewer scenes than workers (``within_scene``) the scenes run one after
+    another, each accumulated once and its keyframes shared out: Σ (accumulation + ⌈keyframes / W⌉ × labelling).
     """
     t0 = time.perf_counter()
     src = src or NuScenesSource(dataroot, version)
-    t_setup = time.perf_counter() - t0
+    t_setup = startup_seconds + time.perf_counter() - t0
     names = shard_scenes(scenes or src.scene_names(), shard)
     nkf = {s["name"]: s["nbr_samples"] for s in src.nusc.scene}
     total = sum(nkf[n] for n in names)
-    scene = src.scene(names[0])
+    t_acc, t_frame, t_zip, nbytes, n, timed = _time_first_scene(src, names[0], cfg)
+    acc_per_kf = t_acc / max(1, n)
+    t_label = t_frame + t_zip
+    per_kf = acc_per_kf + t_label
+    workers = workers or min(4, os.cpu_count() or 1)
+    within = 1 < workers and len(names) < workers
+    parallel = 1 if within else max(1, min(workers, len(names)))
+    if within:
+        seconds = t_setup + sum(acc_per_kf * nkf[n_] + math.ceil(nkf[n_] / workers) * t_label for n_ in names)
+    else:
+        seconds = t_setup + per_kf * max(total / parallel, max(nkf[n_] for n_ in names))
+    return {"keyframes": total, "scenes": len(names), "seconds_per_keyframe": per_kf,
+            "accumulate_seconds_per_keyframe": acc_per_kf, "label_seconds_per_keyframe": t_label,
+            "keyframes_timed": timed, "setup_seconds": t_setup, "estimated_seconds": seconds,
+            "estimated_hours": seconds / 3600, "workers": workers, "parallel_scenes": parallel,
+            "within_scene": within, "bytes_per_frame": nbytes, "estimated_gb": nbytes * total / 1e9}
+
+
+def _time_first_scene(src: NuScenesSource, name: str, cfg: PrepareConfig):
+    """(accumulation s, labelling s per keyframe, compression s per keyframe, bytes per frame, keyframes,
+    keyframes timed) for scene ``name``: its first, middle and last keyframes labelled in memory."""
+    scene = src.scene(name)
     t0 = time.perf_counter()
     scene, boxes_of, _ = level_scene(scene, lambda sw, kf: src.boxes(sw.token), cfg.vertical_cfg())
     cloud = accumulate_scene(scene, boxes_of, cfg.acc_cfg())
@@ -271,14 +345,7 @@ def dry_run(dataroot, version, cfg: PrepareConfig = PrepareConfig(), scenes=None
     t_frame = (time.perf_counter() - t0) / max(1, len(sampled))
     t0 = time.perf_counter()            # each keyframe is also compressed and written: time the compression
     buf = io.BytesIO()
-    np.savez_compressed(buf, semantics=frame.semantics, mask_lidar=frame.mask_lidar,
-                        mask_camera=frame.mask_camera)
-    per_kf = t_acc / max(1, n) + t_frame + (time.perf_counter() - t0)
-    workers = workers or min(4, os.cpu_count() or 1)
-    parallel = max(1, min(workers, len(names)))
-    seconds = t_setup + per_kf * max(total / parallel, max(nkf[n_] for n_ in names))
-    return {"keyframes": total, "scenes": len(names), "seconds_per_keyframe": per_kf,
-            "keyframes_timed": len(sampled), "setup_seconds": t_setup, "estimated_seconds": seconds,
-            "estimated_hours": seconds / 3600, "workers": workers, "parallel_scenes": parallel,
-            "bytes_per_frame": buf.getbuffer().nbytes,
-            "estimated_gb": buf.getbuffer().nbytes * total / 1e9}
+    if sampled:
+        np.savez_compressed(buf, semantics=frame.semantics, mask_lidar=frame.mask_lidar,
+                            mask_camera=frame.mask_camera)
+    return t_acc, t_frame, time.perf_counter() - t0, buf.getbuffer().nbytes, n, len(sampled)

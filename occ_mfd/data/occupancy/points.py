@@ -60,20 +60,20 @@ def majority_vote(points: np.ndarray, labels: np.ndarray, grid: GridSpec,
     """Most frequent label per voxel, vectorised (ties → the lower class id).
 
     Args:
-        points: (N, 3) metric points in the grid frame; labels: (N,) ints in 0..NUM_CLASSES-1.
+        points: (N, 3) metric points in the grid frame; labels: (N,) ints in 0..NUM_CLASSES-1;
+        weights: (N,) how many points each stands for (default 1).
     Returns:
         voxel_ids: (V,) sorted flat ids of voxels holding at least one point; voxel_labels: (V,) uint8.
     """
     idx, inside = grid.point_to_index(points)
     flat = np.ravel_multi_index(idx[inside].T, grid.shape)
-    key = flat * NUM_CLASSES + np.asarray(labels)[inside].astype(np.int64)
-    ukey, counts = np.unique(key, return_counts=True)
-    if weights is not None:
-        counts = np.bincount(np.searchsorted(ukey, key), weights=np.asarray(weights)[inside])
-    vox, cls = ukey // NUM_CLASSES, ukey % NUM_CLASSES
-    # Sort by voxel, then count descending, then class ascending; the first row per voxel wins.
-    order = np.lexsort((cls, -counts, vox))
-    vox, cls = vox[order], cls[order]
-    first = np.ones(len(vox), bool)
-    first[1:] = vox[1:] != vox[:-1]
-    return vox[first], cls[first].astype(np.uint8)
+    # Number the occupied voxels 0..V-1 in id order (a bitmap, no sort), then count (voxel, class) pairs in
+    # a (V, classes) table: bincount sums the weights in point order, the same sums as a sort-based count.
+    occupied = np.zeros(grid.num_voxels, bool)
+    occupied[flat] = True
+    vox = np.flatnonzero(occupied)
+    rank = np.cumsum(occupied) - 1
+    key = rank[flat] * NUM_CLASSES + np.asarray(labels)[inside].astype(np.int64)
+    w = None if weights is None else np.asarray(weights)[inside]
+    table = np.bincount(key, weights=w, minlength=len(vox) * NUM_CLASSES).reshape(len(vox), NUM_CLASSES)
+    return vox, table.argmax(axis=1).astype(np.uint8)       # argmax: the first (lowest) class among equals
